@@ -1,0 +1,44 @@
+"""Triton kernels of megatron_ext, installed as `megatron_ext.kernels`.
+
+Public API (per-sample gradient norms for gradient-noise-scale measurement):
+    wgrad_sample_norms / wgrad_sample_norms_reference / kernel_backend / kernel_is_interpreted
+    LinearWithSampleNorms, linear_with_sample_norms, SampleNormAccumulator
+    bias_sample_norms, norm_param_sample_norms(_reference), layer_norm_xhat, rms_norm_xhat
+
+Names are loaded lazily (PEP 562), so `import megatron_ext.kernels` neither imports
+Triton nor freezes the interpreter choice: Triton reads TRITON_INTERPRET when a kernel
+module is first imported. Set TRITON_INTERPRET=1 before that to run the kernels on CPU
+tensors in Triton's interpreter; otherwise CPU tensors use the PyTorch references.
+"""
+import importlib
+
+_EXPORTS = {
+    "LinearWithSampleNorms": "linear_sample_norm",
+    "SampleNormAccumulator": "linear_sample_norm",
+    "linear_with_sample_norms": "linear_sample_norm",
+    "NormParamSampleNorms": "norm_param_sample_norm",
+    "bias_sample_norms": "norm_param_sample_norm",
+    "layer_norm_xhat": "norm_param_sample_norm",
+    "norm_param_sample_norms": "norm_param_sample_norm",
+    "norm_param_sample_norms_reference": "norm_param_sample_norm",
+    "rms_norm_xhat": "norm_param_sample_norm",
+    "WgradSampleNorms": "wgrad_sample_norm_reference",
+    "wgrad_sample_norms_reference": "wgrad_sample_norm_reference",
+    "kernel_backend": "wgrad_sample_norm",
+    "kernel_is_interpreted": "wgrad_sample_norm",
+    "wgrad_sample_norms": "wgrad_sample_norm",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # cache: later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,203 @@
+"""Configuration of dynamic global-batch growth.
+
+Main API: `BatchGrowthConfig` (one dataclass, fields map 1:1 to flags),
+`add_batch_growth_args(parser)` (argparse group "dynamic global batch") and
+`BatchGrowthConfig.from_args(args)`.
+
+Flag `--foo-bar` maps to field `foo_bar`. Checks that need another feature's config (the
+gradient-noise-scale measurement) live in `validate_against(gns_enabled)` because the two
+configs are built separately.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from typing import List, Optional
+
+GROWTH_RULES = ("off", "ramp", "gns", "goodput")
+LR_SCALING_RULES = ("none", "sqrt", "linear", "adascale")
+
+
+@dataclass
+class BatchGrowthConfig:
+    """Dynamic global-batch growth driven by the gradient noise scale."""
+
+    batch_growth: str = "off"
+    """Rule that picks the next global batch: `off` (fixed), `ramp` (Megatron-style fixed
+    ramp from --rampup-batch-size), `gns` (k * B_simple, McCandlish et al. 2018) or
+    `goodput` (maximise throughput x statistical efficiency, Pollux, Qiao et al. OSDI'21)."""
+
+    batch_growth_min: Optional[int] = None
+    """Lower bound of the global batch; None = the initial global batch."""
+
+    batch_growth_max: Optional[int] = None
+    """Upper bound of the global batch (the final batch of a ramp). Required unless off."""
+
+    batch_growth_interval: int = 100
+    """Optimizer steps between two growth decisions (ignored by `ramp`, which is a
+    schedule evaluated every step)."""
+
+    batch_growth_interval_tokens: Optional[int] = None
+    """If set, decide every this many consumed tokens instead of every
+    --batch-growth-interval steps (steps get longer as the batch grows)."""
+
+    batch_growth_k: float = 1.0
+    """`gns` rule target is k * B_simple (k=1 is the critical batch estimate)."""
+
+    batch_growth_threshold: float = 1.1
+    """Hysteresis: grow only if the predicted gain (goodput ratio for `goodput`,
+    target/current for `gns`) is at least this. Not used by `ramp` (a fixed schedule)."""
+
+    batch_growth_min_steps: int = 100
+    """Hysteresis: grow only after this many optimizer steps at the current batch (gns,
+    goodput)."""
+
+    batch_growth_step_time_ema: float = 0.9
+    """EMA decay of the per-batch-size correction factor measured/predicted step time
+    (`goodput` rule); 0 = use only the latest measurement."""
+
+    rampup_batch_size: Optional[List[int]] = None
+    """`ramp` rule: START INCREMENT SAMPLES, Megatron semantics: start at START and add
+    INCREMENT every SAMPLES / ((max - START) / INCREMENT) consumed samples."""
+
+    lr_scaling: str = "none"
+    """LR scale relative to the initial global batch: none, sqrt, linear (Goyal et al.
+    2017) or adascale (gain ratio, Johnson et al. 2020; needs the noise scale)."""
+
+    topology: str = "auto"
+    """Cluster for the step-time model: `auto` (detect) or a spec such as
+    `nodes=8,gpus_per_node=8,nvlink_GBps=600,ib_Gbps=8x200,gpu=A100-80GB`."""
+
+    mfu_assumed: float = 0.45
+    """Model-FLOPs utilisation assumed by the step-time model before measurements."""
+
+    def __post_init__(self):
+        if self.batch_growth not in GROWTH_RULES:
+            raise ValueError(
+                f"--batch-growth={self.batch_growth!r} is not one of {GROWTH_RULES}")
+        if self.lr_scaling not in LR_SCALING_RULES:
+            raise ValueError(
+                f"--lr-scaling={self.lr_scaling!r} is not one of {LR_SCALING_RULES}")
+        for name in ("batch_growth_min", "batch_growth_max"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive global "
+                                 f"batch (samples), got {v}")
+        if (self.batch_growth_min is not None and self.batch_growth_max is not None
+                and self.batch_growth_max < self.batch_growth_min):
+            raise ValueError(
+                f"--batch-growth-max ({self.batch_growth_max}) is below --batch-growth-min "
+                f"({self.batch_growth_min}); raise the max or lower the min")
+        if self.batch_growth != "off" and self.batch_growth_max is None:
+            raise ValueError(
+                f"--batch-growth={self.batch_growth} needs an upper bound: set "
+                "--batch-growth-max (for `ramp` it is the final global batch)")
+        if self.batch_growth_interval < 1:
+            raise ValueError("--batch-growth-interval must be >= 1 optimizer step")
+        if self.batch_growth_interval_tokens is not None and self.batch_growth_interval_tokens < 1:
+            raise ValueError("--batch-growth-interval-tokens must be >= 1 (or leave unset)")
+        if not self.batch_growth_k > 0:
+            raise ValueError(f"--batch-growth-k must be > 0, got {self.batch_growth_k}")
+        if not self.batch_growth_threshold >= 1.0:
+            raise ValueError(
+                f"--batch-growth-threshold must be >= 1.0 (a gain ratio; 1.1 = grow only "
+                f"for >= 10% predicted gain), got {self.batch_growth_threshold}")
+        if self.batch_growth_min_steps < 0:
+            raise ValueError("--batch-growth-min-steps must be >= 0")
+        if not 0.0 <= self.batch_growth_step_time_ema < 1.0:
+            raise ValueError("--batch-growth-step-time-ema must be in [0, 1)")
+        if not 0.0 < self.mfu_assumed <= 1.0:
+            raise ValueError(
+                f"--mfu-assumed must be in (0, 1] (typical 0.3-0.55), got {self.mfu_assumed}")
+        if self.batch_growth == "ramp":
+            self._check_ramp()
+        elif self.rampup_batch_size is not None and self.batch_growth != "off":
+            raise ValueError(
+                f"--rampup-batch-size is only used by --batch-growth=ramp; drop it or switch "
+                f"rule (got --batch-growth={self.batch_growth})")
+
+    def _check_ramp(self):
+        r = self.rampup_batch_size
+        if r is None or len(r) != 3:
+            raise ValueError("--batch-growth=ramp needs --rampup-batch-size START INCREMENT "
+                             "SAMPLES (three integers)")
+        start, inc, samples = (int(x) for x in r)
+        if start <= 0 or inc <= 0 or samples <= 0:
+            raise ValueError(f"--rampup-batch-size values must be positive, got {r}")
+        if start > self.batch_growth_max:
+            raise ValueError(f"--rampup-batch-size START ({start}) exceeds --batch-growth-max "
+                             f"({self.batch_growth_max}); lower START or raise the max")
+        if (self.batch_growth_max - start) < inc and self.batch_growth_max != start:
+            raise ValueError(f"--rampup-batch-size INCREMENT ({inc}) is larger than max-START "
+                             f"({self.batch_growth_max - start}); no increment fits")
+
+    def validate_against(self, gns_enabled: bool) -> None:
+        """Cross-check with the gradient-noise-scale config (separate feature).
+
+        `gns` and `goodput` read B_simple and `adascale` needs the noise statistics, so they
+        require the noise-scale measurement to be on.
+        """
+        needs = []
+        if self.batch_growth in ("gns", "goodput"):
+            needs.append(f"--batch-growth={self.batch_growth}")
+        if self.lr_scaling == "adascale":
+            needs.append("--lr-scaling=adascale")
+        if needs and not gns_enabled:
+            raise ValueError(f"{' and '.join(needs)} read the gradient noise scale B_simple; "
+                             "enable the measurement with --gns (or use --batch-growth=ramp / "
+                             "--lr-scaling=sqrt|linear)")
+
+    def bounds(self, initial_global_batch: int):
+        """(min, max) global batch with the defaults resolved."""
+        lo = self.batch_growth_min if self.batch_growth_min is not None else initial_global_batch
+        hi = self.batch_growth_max
+        if hi is None:
+            hi = max(lo, initial_global_batch)
+        return lo, hi
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "BatchGrowthConfig":
+        kw = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        if kw.get("rampup_batch_size") is not None:
+            kw["rampup_batch_size"] = [int(x) for x in kw["rampup_batch_size"]]
+        return cls(**kw)
+
+
+def add_batch_growth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the "dynamic global batch" argparse group; flags map 1:1 to config fields.
+
+    `--rampup-batch-size` is skipped if the parser already has it (Megatron's own parser
+    defines it with the same meaning), so both can be combined.
+    """
+    d = BatchGrowthConfig()
+    g = parser.add_argument_group("dynamic global batch")
+    g.add_argument("--batch-growth", choices=GROWTH_RULES, default=d.batch_growth,
+                   help="rule that grows the global batch during training")
+    g.add_argument("--batch-growth-min", type=int, default=None,
+                   help="lower bound of the global batch (default: the initial one)")
+    g.add_argument("--batch-growth-max", type=int, default=None,
+                   help="upper bound of the global batch (final batch of a ramp)")
+    g.add_argument("--batch-growth-interval", type=int, default=d.batch_growth_interval,
+                   help="optimizer steps between growth decisions")
+    g.add_argument("--batch-growth-interval-tokens", type=int, default=None,
+                   help="decide every N consumed tokens instead of every N steps")
+    g.add_argument("--batch-growth-k", type=float, default=d.batch_growth_k,
+                   help="gns rule: target global batch = k * B_simple")
+    g.add_argument("--batch-growth-threshold", type=float, default=d.batch_growth_threshold,
+                   help="grow only if the predicted gain ratio is at least this")
+    g.add_argument("--batch-growth-min-steps", type=int, default=d.batch_growth_min_steps,
+                   help="grow only after this many steps at the current batch")
+    g.add_argument("--batch-growth-step-time-ema", type=float,
+                   default=d.batch_growth_step_time_ema,
+                   help="EMA decay of the measured/predicted step-time correction")
+    if "--rampup-batch-size" not in parser._option_string_actions:
+        g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None,
+                       metavar=("START", "INCREMENT", "SAMPLES"),
+                       help="ramp rule: Megatron-style batch-size ramp-up")
+    g.add_argument("--lr-scaling", choices=LR_SCALING_RULES, default=d.lr_scaling,
+                   help="scale the LR with the global batch relative to the initial one")
+    g.add_argument("--topology", type=str, default=d.topology,
+                   help="cluster spec for the step-time model, or `auto`")
+    g.add_argument("--mfu-assumed", type=float, default=d.mfu_assumed,
+                   help="model-FLOPs utilisation assumed by the step-time model")
+    return parser

@@ -1,0 +1,265 @@
+"""Controller that grows the global batch during training (never shrinks it).
+
+Main API: `BatchController(config, initial_global_batch, planner=None, granularity=None)`
+with `step(iteration, tokens, b_simple, step_time_s) -> Optional[int]` (the new global batch
+when it changes, else None), `last_decision`, `history`, `state_dict()` / `load_state_dict()`.
+
+Rules (`--batch-growth`):
+  ramp     Megatron's --rampup-batch-size schedule over consumed samples.
+  gns      target k * B_simple (McCandlish et al. 2018, "An Empirical Model of Large-Batch
+           Training": the critical batch is ~B_noise ~ B_simple), clamped and rounded down.
+  goodput  argmax_B throughput(B) * efficiency(B), efficiency(B) = (B_noise + B0) /
+           (B_noise + B) (Pollux, Qiao et al. OSDI'21, eq. 8; B0 = initial batch), with
+           throughput from the planner's step-time model times a per-batch-size EMA of
+           measured/predicted step time.
+Hysteresis (gns, goodput): grow only after --batch-growth-min-steps steps at the current
+batch and only when the predicted gain is >= --batch-growth-threshold.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+from .config import BatchGrowthConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Decision:
+    """One evaluation of the growth rule (`changed` tells whether the batch grew)."""
+
+    iteration: int
+    tokens: int
+    rule: str
+    current: int
+    candidate: Optional[int]
+    gain: Optional[float]
+    b_simple: Optional[float]
+    changed: bool
+    reason: str
+
+
+def pollux_efficiency(b_noise: float, batch: float, base_batch: float) -> float:
+    """Statistical efficiency of `batch` relative to `base_batch` (Pollux eq. 8): the
+    progress per sample at `batch` over that at `base_batch`, in (0, 1] for batch >= base."""
+    return (b_noise + base_batch) / (b_noise + batch)
+
+
+class BatchController:
+    """Decides when and how far to grow the global batch."""
+
+    def __init__(self, config: BatchGrowthConfig, initial_global_batch: int,
+                 planner=None, granularity: Optional[int] = None):
+        """`planner` (a BatchPlanner) defines the valid batches and the step-time model
+        (required for `goodput`); without it batches are multiples of `granularity`
+        (micro_batch_size * dp; default 1)."""
+        if initial_global_batch < 1:
+            raise ValueError(f"initial_global_batch must be >= 1, got {initial_global_batch}")
+        if config.batch_growth == "goodput" and planner is None:
+            raise ValueError("--batch-growth=goodput needs a BatchPlanner for the step-time "
+                             "model; pass planner=BatchPlanner(...) or use --batch-growth=gns")
+        if planner is not None and not planner.is_valid(initial_global_batch):
+            raise ValueError(f"initial global batch {initial_global_batch} is not valid for the "
+                             f"planner (dp={planner.dp_size}, pp={planner.pp_size}); pick a "
+                             "multiple of micro_batch_size*dp")
+        self.config = config
+        self.planner = planner
+        self.granularity = int(granularity or 1)
+        if planner is None and initial_global_batch % self.granularity:
+            raise ValueError(f"initial global batch {initial_global_batch} is not a multiple "
+                             f"of granularity {self.granularity}")
+        self.base_global_batch = initial_global_batch
+        self.lo, self.hi = config.bounds(initial_global_batch)
+        self.current = initial_global_batch
+        self.changed_at_iteration = 0
+        self.last_decision_iteration = 0
+        self.last_decision_tokens = 0
+        self.last_iteration = 0
+        self.consumed_samples = 0
+        self.correction: Dict[int, float] = {}
+        self.last_decision: Optional[Decision] = None
+        self.history: List[dict] = []
+
+    # ------------------------------------------------------------------ helpers
+    def _round_down(self, target: float) -> Optional[int]:
+        """Largest valid batch in [current, target] (None if only current or none)."""
+        target = int(math.floor(target))
+        if target <= self.current:
+            return None
+        if self.planner is not None:
+            valid = self.planner.valid_global_batches(self.current + 1, target)
+            return valid[-1] if valid else None
+        b = target - target % self.granularity
+        return b if b > self.current else None
+
+    def _candidates(self) -> List[int]:
+        lo = max(self.current, self.lo)
+        if self.planner is not None:
+            cands = self.planner.valid_global_batches(lo, self.hi)
+        else:
+            start = -(-lo // self.granularity) * self.granularity
+            cands = list(range(start, self.hi + 1, self.granularity))
+        return sorted(set(cands) | {self.current})
+
+    def _correction_for(self, batch: int) -> float:
+        """Measured/predicted step-time factor; unmeasured sizes borrow the nearest measured
+        one in log space (the model's error is mostly a smooth function of B)."""
+        if batch in self.correction:
+            return self.correction[batch]
+        if not self.correction:
+            return 1.0
+        near = min(self.correction, key=lambda b: abs(math.log(b / batch)))
+        return self.correction[near]
+
+    def predicted_step_time(self, batch: int) -> float:
+        return self.planner.plan(batch).predicted_step_time_s * self._correction_for(batch)
+
+    def goodput(self, batch: int, b_noise: float) -> float:
+        """Samples/s x statistical efficiency (useful samples per second, Pollux)."""
+        throughput = batch / self.predicted_step_time(batch)
+        return throughput * pollux_efficiency(b_noise, batch, self.base_global_batch)
+
+    def _record_step_time(self, step_time_s: float) -> None:
+        if self.planner is None or not step_time_s or step_time_s <= 0:
+            return
+        ratio = step_time_s / self.planner.plan(self.current).predicted_step_time_s
+        ema = self.config.batch_growth_step_time_ema
+        old = self.correction.get(self.current)
+        self.correction[self.current] = ratio if old is None else ema * old + (1 - ema) * ratio
+
+    def current_plan(self):
+        """The planner's Plan (micro-batch, accumulation steps) for the current batch."""
+        return self.planner.plan(self.current) if self.planner is not None else None
+
+    # ------------------------------------------------------------------ rules
+    def _ramp_target(self) -> int:
+        start, inc, samples = self.config.rampup_batch_size
+        final = self.hi
+        n_inc = max(1, (final - start) // inc)
+        per_inc = samples / n_inc  # consumed samples per increment (Megatron semantics)
+        return max(self.lo, min(final, start + int(self.consumed_samples / per_inc) * inc))
+
+    def _decide_ramp(self):
+        target = self._ramp_target()
+        cand = self._round_down(target)
+        gain = target / self.current
+        if cand is None:
+            return None, gain, f"ramp target {target} at {self.consumed_samples} samples"
+        return cand, gain, f"ramp: {self.consumed_samples} samples consumed -> {target}"
+
+    def _decide_gns(self, b_simple: float):
+        k = self.config.batch_growth_k
+        target = min(max(k * b_simple, self.lo), self.hi)
+        cand = self._round_down(target)
+        if cand is None:
+            return None, target / self.current, (
+                f"gns: target {k:g}*B_simple={k * b_simple:.1f} (clamped {target:.0f}) "
+                f"has no valid batch above {self.current}")
+        gain = cand / self.current
+        return cand, gain, (f"gns: target {k:g}*B_simple={k * b_simple:.1f} clamped to "
+                            f"[{self.lo}, {self.hi}] -> valid {cand}")
+
+    def _decide_goodput(self, b_simple: float):
+        cands = self._candidates()
+        scores = {b: self.goodput(b, b_simple) for b in cands}
+        best = max(cands, key=lambda b: (scores[b], -b))  # ties: smaller batch
+        gain = scores[best] / scores[self.current]
+        if best == self.current:
+            return None, 1.0, (f"goodput: current {self.current} is best among "
+                               f"{len(cands)} candidates (B_noise={b_simple:.1f})")
+        return best, gain, (f"goodput: B={best} goodput {scores[best]:.1f} vs "
+                            f"{scores[self.current]:.1f} at {self.current} "
+                            f"(B_noise={b_simple:.1f}, {len(cands)} candidates)")
+
+    # ------------------------------------------------------------------ main entry
+    def step(self, iteration: int, tokens: int, b_simple: Optional[float] = None,
+             step_time_s: Optional[float] = None) -> Optional[int]:
+        """Call after every optimizer step. `iteration` = completed optimizer steps,
+        `tokens` = consumed tokens, `b_simple` = the B_simple EMA (None/NaN/<=0 when not
+        yet available), `step_time_s` = measured time of the step that just ran.
+        Returns the new global batch if it grows now, else None."""
+        rule = self.config.batch_growth
+        # Samples consumed since the last call were all at the current batch.
+        self.consumed_samples += max(0, iteration - self.last_iteration) * self.current
+        self.last_iteration = iteration
+        if step_time_s is not None:
+            self._record_step_time(step_time_s)
+        if rule == "off":
+            return None
+        if rule != "ramp":
+            if self.config.batch_growth_interval_tokens:
+                due = tokens - self.last_decision_tokens >= self.config.batch_growth_interval_tokens
+            else:
+                due = iteration - self.last_decision_iteration >= self.config.batch_growth_interval
+            if not due:
+                return None
+        self.last_decision_iteration, self.last_decision_tokens = iteration, tokens
+
+        ok = b_simple is not None and math.isfinite(b_simple) and b_simple > 0
+        bs = b_simple if ok else None
+        if self.current >= self.hi:
+            cand, gain, reason = None, None, f"at the maximum global batch {self.hi}"
+        elif rule == "ramp":
+            cand, gain, reason = self._decide_ramp()
+        elif bs is None:
+            cand, gain, reason = None, None, "no B_simple estimate yet"
+        elif rule == "gns":
+            cand, gain, reason = self._decide_gns(bs)
+        else:
+            cand, gain, reason = self._decide_goodput(bs)
+
+        changed = False
+        if cand is not None and rule != "ramp":
+            steps_here = iteration - self.changed_at_iteration
+            if steps_here < self.config.batch_growth_min_steps:
+                reason += (f"; hold: {steps_here} < {self.config.batch_growth_min_steps} "
+                           "steps at current batch")
+            elif gain < self.config.batch_growth_threshold:
+                reason += (f"; hold: gain {gain:.3f} < threshold "
+                           f"{self.config.batch_growth_threshold}")
+            else:
+                changed = True
+        elif cand is not None:
+            changed = True
+        self.last_decision = Decision(iteration, tokens, rule, self.current, cand, gain, bs,
+                                      changed, reason)
+        if not changed:
+            logger.debug("batch growth hold at iteration %d: %s", iteration, reason)
+            return None
+        old, self.current = self.current, cand
+        self.changed_at_iteration = iteration
+        self.history.append(dict(iteration=iteration, tokens=tokens, old=old, new=cand,
+                                 gain=gain, reason=reason))
+        logger.info("batch growth at iteration %d: %d -> %d (%s)", iteration, old, cand, reason)
+        return cand
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        return dict(rule=self.config.batch_growth, base_global_batch=self.base_global_batch,
+                    current=self.current, changed_at_iteration=self.changed_at_iteration,
+                    last_decision_iteration=self.last_decision_iteration,
+                    last_decision_tokens=self.last_decision_tokens,
+                    last_iteration=self.last_iteration, consumed_samples=self.consumed_samples,
+                    correction={int(k): float(v) for k, v in self.correction.items()},
+                    history=[dict(h) for h in self.history],
+                    last_decision=asdict(self.last_decision) if self.last_decision else None)
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("rule") != self.config.batch_growth:
+            logger.warning("batch growth rule changed on resume: %s -> %s (continuing from the "
+                           "checkpointed batch)", state.get("rule"), self.config.batch_growth)
+        self.base_global_batch = int(state["base_global_batch"])
+        self.lo, self.hi = self.config.bounds(self.base_global_batch)
+        self.current = int(state["current"])
+        self.changed_at_iteration = int(state["changed_at_iteration"])
+        self.last_decision_iteration = int(state["last_decision_iteration"])
+        self.last_decision_tokens = int(state["last_decision_tokens"])
+        self.last_iteration = int(state["last_iteration"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.correction = {int(k): float(v) for k, v in state["correction"].items()}
+        self.history = [dict(h) for h in state["history"]]
+        ld = state.get("last_decision")
+        self.last_decision = Decision(**ld) if ld else None

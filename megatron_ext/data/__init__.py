@@ -1,0 +1,17 @@
+"""Data pipeline: byte tokenizer, preprocessing to Megatron indexed datasets, the zero-download
+stdlib corpus, dataset building and exact global-batch sampling.
+
+Main API: ``ByteTokenizer``, ``DataConfig``/``add_data_args``/``build_gpt_datasets``,
+``build_default_corpus``, ``GlobalBatchSampler``/``collate_micro_batch``; CLI
+``tools/preprocess_data.py`` (``megatron_ext.data.preprocess.main``). Importing this package
+does not import Megatron; building datasets does.
+"""
+from megatron_ext.data.builder import DataConfig, add_data_args, build_gpt_datasets
+from megatron_ext.data.default_corpus import build_default_corpus
+from megatron_ext.data.sampler import GlobalBatchSampler, collate_micro_batch
+from megatron_ext.data.tokenizer import ByteTokenizer, build_tokenizer
+
+__all__ = [
+    "ByteTokenizer", "build_tokenizer", "DataConfig", "add_data_args", "build_gpt_datasets",
+    "build_default_corpus", "GlobalBatchSampler", "collate_micro_batch",
+]

@@ -1,0 +1,251 @@
+"""Gradient-noise-scale estimator (pure Python, no torch).
+
+Main API: `GNSEstimator` with `update_per_sample(...)` and `update_two_batch(...)`, which
+return a `GNSMeasurement` (or None for a skipped step); `b_simple` is the current estimate.
+
+Background (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training"):
+the simple noise scale is B_simple = tr(Sigma) / |G|^2, with G the true gradient and Sigma the
+per-sample gradient covariance. For a batch of B independent samples with per-sample
+gradients g_i (gradient of sample i's own mean-token loss) and batch gradient
+G_B = mean_i g_i:
+
+    E|g_i|^2 = |G|^2 + tr(Sigma)           E|G_B|^2 = |G|^2 + tr(Sigma) / B
+
+so with mean_sq = mean_i |g_i|^2 the unbiased estimates are
+
+    tr(Sigma) = B / (B - 1) * (mean_sq - |G_B|^2)
+    |G|^2     = (B * |G_B|^2 - mean_sq) / (B - 1)
+
+The two-batch-size estimator (App. A.1) uses the same identities with two batch sizes
+B_small < B_big (small = one data-parallel rank's gradient, big = the all-reduced one):
+
+    |G|^2     = (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)
+    tr(Sigma) = (|G_small|^2 - |G_big|^2) / (1 / B_small - 1 / B_big)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence, Union
+
+ESTIMATORS = ("per-sample", "data-parallel")
+
+
+@dataclass
+class GNSMeasurement:
+    """One accepted update: instantaneous (raw) and smoothed values."""
+
+    step: int
+    """Number of accepted updates so far, this one included."""
+    tokens: int
+    """Tokens seen so far (x axis of the B_simple plot)."""
+    batch_size: float
+    """B of the per-sample estimator, or B_big of the two-batch estimator."""
+    grad_sq_norm: float
+    """Raw unbiased estimate of |G|^2 of this step (can be negative: it is a difference)."""
+    trace_sigma: float
+    """Raw unbiased estimate of tr(Sigma) of this step."""
+    grad_sq_norm_ema: float
+    """Bias-corrected EMA of |G|^2."""
+    trace_sigma_ema: float
+    """Bias-corrected EMA of tr(Sigma)."""
+    b_simple: Optional[float]
+    """Ratio of the EMAs, None while the |G|^2 EMA is <= 0."""
+    b_simple_raw: Optional[float]
+    """Ratio of this step's raw estimates (very noisy; None when raw |G|^2 <= 0)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _BiasCorrectedEMA:
+    """EMA with Adam-style bias correction, so early values are not pulled towards 0."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.biased = 0.0
+        self.count = 0
+
+    def update(self, x: float) -> None:
+        self.biased = self.decay * self.biased + (1.0 - self.decay) * x
+        self.count += 1
+
+    @property
+    def value(self) -> Optional[float]:
+        if self.count == 0:
+            return None
+        return self.biased / (1.0 - self.decay ** self.count)
+
+
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+class GNSEstimator:
+    """Streaming estimator of B_simple = tr(Sigma) / |G|^2.
+
+    We keep separate bias-corrected EMAs of the numerator tr(Sigma) and the denominator
+    |G|^2 and report their ratio, *not* an EMA of per-step ratios: each per-step estimate
+    is unbiased but noisy, and E[X/Y] != E[X]/E[Y] (the ratio of noisy estimates is biased
+    and heavy-tailed); worse, the per-step |G|^2 estimate is a difference of two similar
+    numbers and is often <= 0 late in training, where its ratio is meaningless. Averaging
+    numerator and denominator first gives a consistent estimate (McCandlish et al. 2018,
+    App. A.1 do the same).
+    """
+
+    def __init__(self, ema_decay: float = 0.95, estimator: str = "per-sample"):
+        if not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.ema_decay = float(ema_decay)
+        self.estimator = estimator
+        self._trace = _BiasCorrectedEMA(self.ema_decay)
+        self._gsq = _BiasCorrectedEMA(self.ema_decay)
+        self.num_updates = 0
+        self.num_skipped_samples = 0
+        self.num_skipped_steps = 0
+        self.tokens_seen = 0
+        self.last: Optional[GNSMeasurement] = None
+
+    # ------------------------------------------------------------------ results
+    @property
+    def grad_sq_norm_ema(self) -> Optional[float]:
+        return self._gsq.value
+
+    @property
+    def trace_sigma_ema(self) -> Optional[float]:
+        return self._trace.value
+
+    @property
+    def b_simple(self) -> Optional[float]:
+        """tr(Sigma)_EMA / |G|^2_EMA; None before the first update or while |G|^2_EMA <= 0."""
+        g, t = self._gsq.value, self._trace.value
+        if g is None or t is None or g <= 0.0:
+            return None
+        return t / g
+
+    # ------------------------------------------------------------------ updates
+    def _check_mode(self, wanted: str) -> None:
+        if self.estimator != wanted:
+            raise RuntimeError(
+                f"GNSEstimator was built with estimator={self.estimator!r}; call the "
+                f"matching update_* method or build it with estimator={wanted!r}")
+
+    def _skip_step(self, tokens: int) -> None:
+        # Tokens are consumed by training even when the measurement is unusable, so the
+        # x axis (tokens) keeps advancing.
+        self.tokens_seen += int(tokens)
+        self.num_skipped_steps += 1
+        return None
+
+    def _accept(self, gsq: float, trace: float, batch: float, tokens: int) -> GNSMeasurement:
+        self.tokens_seen += int(tokens)
+        self._gsq.update(gsq)
+        self._trace.update(trace)
+        self.num_updates += 1
+        self.last = GNSMeasurement(
+            step=self.num_updates, tokens=self.tokens_seen, batch_size=float(batch),
+            grad_sq_norm=gsq, trace_sigma=trace,
+            grad_sq_norm_ema=self._gsq.value, trace_sigma_ema=self._trace.value,
+            b_simple=self.b_simple, b_simple_raw=trace / gsq if gsq > 0.0 else None)
+        return self.last
+
+    def update_per_sample(self, per_sample_sq_norms: Sequence[float],
+                          batch_grad_sq_norm: float,
+                          tokens: int = 0) -> Optional[GNSMeasurement]:
+        """Update from |g_i|^2 of every sample of the global batch and |G_B|^2.
+
+        `batch_grad_sq_norm` must be the squared norm of the mean of the same B per-sample
+        gradients (the global-batch gradient). Returns None if the step was skipped.
+        """
+        self._check_mode("per-sample")
+        norms = list(per_sample_sq_norms)
+        batch = len(norms)
+        if batch < 2:
+            raise ValueError(f"the per-sample estimator needs B >= 2 samples, got {batch}")
+        if not _finite(batch_grad_sq_norm) or batch_grad_sq_norm < 0:
+            # The batch gradient itself is unusable (overflow): nothing to estimate.
+            self.num_skipped_samples += batch
+            return self._skip_step(tokens)
+        valid = [float(x) for x in norms if _finite(x) and float(x) >= 0.0]
+        self.num_skipped_samples += batch - len(valid)
+        if not valid:
+            return self._skip_step(tokens)
+        # A non-finite |g_i|^2 with a finite |G_B|^2 means the per-sample norm computation
+        # overflowed, not the gradient: G_B still averages all B samples, so B stays the
+        # batch size in E|G_B|^2 = |G|^2 + tr(Sigma)/B, while E|g_i|^2 is estimated by the
+        # mean over the remaining samples. That mean is unbiased if the failures are
+        # independent of the sample; overflow prefers large norms, so tr(Sigma) is biased
+        # slightly low, which is negligible for the rare skips we expect (and counted in
+        # num_skipped_samples so a persistent problem is visible).
+        mean_sq = math.fsum(valid) / len(valid)
+        gb = float(batch_grad_sq_norm)
+        trace = batch / (batch - 1.0) * (mean_sq - gb)
+        gsq = (batch * gb - mean_sq) / (batch - 1.0)
+        return self._accept(gsq, trace, batch, tokens)
+
+    def update_two_batch(self, small_sq_norm: Union[float, Sequence[float]], small_batch: int,
+                         big_sq_norm: float, big_batch: int,
+                         tokens: int = 0) -> Optional[GNSMeasurement]:
+        """Update from |G_small|^2 (B_small samples) and |G_big|^2 (B_big samples).
+
+        `small_sq_norm` may be a sequence of per-rank squared norms (each over `small_batch`
+        samples); their mean has the same expectation and less variance. Non-finite
+        entries are skipped and counted in `num_skipped_samples`.
+        """
+        self._check_mode("data-parallel")
+        if not 0 < small_batch < big_batch:
+            raise ValueError(f"need 0 < small_batch < big_batch, got small_batch="
+                             f"{small_batch}, big_batch={big_batch}")
+        smalls = ([small_sq_norm] if isinstance(small_sq_norm, (int, float))
+                  else list(small_sq_norm))
+        valid = [float(x) for x in smalls if _finite(x) and float(x) >= 0.0]
+        self.num_skipped_samples += len(smalls) - len(valid)
+        if not valid or not _finite(big_sq_norm) or big_sq_norm < 0:
+            return self._skip_step(tokens)
+        gs = math.fsum(valid) / len(valid)
+        gbig = float(big_sq_norm)
+        bs, bb = float(small_batch), float(big_batch)
+        gsq = (bb * gbig - bs * gs) / (bb - bs)
+        trace = (gs - gbig) / (1.0 / bs - 1.0 / bb)
+        return self._accept(gsq, trace, bb, tokens)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """Plain-Python (JSON-serialisable) state; resuming from it is exact."""
+        return {
+            "version": 1,
+            "ema_decay": self.ema_decay,
+            "estimator": self.estimator,
+            "trace_ema_biased": self._trace.biased,
+            "trace_ema_count": self._trace.count,
+            "gsq_ema_biased": self._gsq.biased,
+            "gsq_ema_count": self._gsq.count,
+            "num_updates": self.num_updates,
+            "num_skipped_samples": self.num_skipped_samples,
+            "num_skipped_steps": self.num_skipped_steps,
+            "tokens_seen": self.tokens_seen,
+            "last": self.last.to_dict() if self.last is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version", 1) != 1:
+            raise ValueError(f"unknown GNSEstimator state version {state.get('version')}")
+        self.ema_decay = float(state["ema_decay"])
+        self.estimator = state["estimator"]
+        self._trace = _BiasCorrectedEMA(self.ema_decay)
+        self._gsq = _BiasCorrectedEMA(self.ema_decay)
+        self._trace.biased = float(state["trace_ema_biased"])
+        self._trace.count = int(state["trace_ema_count"])
+        self._gsq.biased = float(state["gsq_ema_biased"])
+        self._gsq.count = int(state["gsq_ema_count"])
+        self.num_updates = int(state["num_updates"])
+        self.num_skipped_samples = int(state["num_skipped_samples"])
+        self.num_skipped_steps = int(state["num_skipped_steps"])
+        self.tokens_seen = int(state["tokens_seen"])
+        last = state.get("last")
+        self.last = GNSMeasurement(**last) if last is not None else None

@@ -1,0 +1,295 @@
+"""Gradient-noise-scale tracker for megatron-core training (TP/SP/PP/DP, grad accumulation).
+
+Main API:
+    tracker = GNSTracker(gns_config, model_chunks)
+    config.finalize_model_grads_func = tracker.wrap_finalize_model_grads(finalize_model_grads)
+    per step:  tracker.begin_step(num_microbatches, micro_batch_size)
+               forward_backward_func(...)             # GNS layers report during backward
+               m = tracker.end_step(tokens)            # before optimizer.step() (it clips)
+    tracker.history, tracker.state_dict(), tracker.load_state_dict(sd), tracker.plot(path)
+
+What is measured (McCandlish et al. 2018, App. A): g_i = gradient of sample i's mean-token
+loss and G_B = mean_i g_i over the global batch, both restricted to the *tracked* parameter
+set = every parameter of a GNS layer (`megatron_ext.gns.layers`): all linear weights and
+biases and all norm γ/β of the transformer block. The word embedding and the (tied) output
+layer are not GNS layers and are left out of both |g_i|² and |G_B|² (so B_simple is that of
+the transformer block; see the report/README for the effect).
+
+Per-sample norms: layers add [b] partial squared norms (or [b, h] TP-partial vectors for
+sequence-parallel params) into slot (micro-batch m, sample j) of a [M * b] buffer; at
+`end_step` the buffer is summed over the model-parallel group (TP shards + PP stages) and
+gathered over data-parallel ranks (they hold different samples).
+
+Scale: Megatron's micro-batch loss is mean-over-its-tokens / M, so the gradient the kernel
+sees for sample i is g_i / (M * b); `sample_grad_scale` (default M * b) undoes that, and
+`loss_scale` undoes an fp16 loss scaler. DDP averages over DP ranks, so the reduced
+main_grad is G_B * B / (dp * sample_grad_scale) (= G_B for the default scale).
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state as ps
+
+from .config import GNSConfig
+from .estimator import GNSEstimator, GNSMeasurement
+from .layers import GNSColumnParallelLinear, GNSNorm, GNSRowParallelLinear
+
+GNS_LAYER_TYPES = (GNSColumnParallelLinear, GNSRowParallelLinear, GNSNorm)
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
+        chunk = chunk.module
+    return chunk
+
+
+class GNSTracker:
+    """Collects per-sample and batch gradient norms and feeds a `GNSEstimator`.
+
+    Args:
+        config: the GNSConfig (estimator kind, EMA decay, include-embedding flag).
+        model_chunks: the (DDP-wrapped) model chunks of this rank, as given to the schedule.
+        flush_elements: pending sequence-parallel vectors are all-reduced over TP once
+            their element count reaches this (bounds memory; identical on all TP ranks).
+    """
+
+    def __init__(self, config: GNSConfig, model_chunks: Sequence[torch.nn.Module], *,
+                 flush_elements: int = 1 << 24):
+        self.config = config
+        self.estimator = GNSEstimator(config.gns_ema_decay, config.gns_estimator)
+        self.history: List[dict] = []
+        self.flush_elements = int(flush_elements)
+        if ps.get_context_parallel_world_size() > 1:
+            raise ValueError("--gns does not support context parallelism (per-sample norms "
+                             "would be partial over CP ranks); use --context-parallel-size 1")
+        if config.gns_include_embedding:
+            raise NotImplementedError(
+                "--gns-include-embedding is not implemented yet: per-sample norms of the "
+                "(tied) embedding need a per-sample scatter over the vocabulary; run without it")
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
+        self.mp_group = ps.get_model_parallel_group()  # TP x PP
+        self.dp_group = ps.get_data_parallel_group()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.model_chunks = list(model_chunks)
+        self.modules = [m for c in self.model_chunks for m in _unwrap(c).modules()
+                        if isinstance(m, GNS_LAYER_TYPES)]
+        if not self.modules:
+            raise ValueError("the model has no GNS layers: build it with "
+                             "get_gpt_layer_spec(**gns_layer_spec_kwargs())")
+        self.params = []  # tracked parameters, each once
+        seen = set()
+        for m in self.modules:
+            m.gns_tracker = self
+            for p in m.parameters(recurse=False):
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    self.params.append(p)
+        self._measuring = False
+        self._small_sq_norms: Optional[List[float]] = None
+        self.last_per_sample_sq_norms: Optional[List[float]] = None
+        self.last_batch_sq_norm: Optional[float] = None
+        self.last_small_sq_norms: Optional[List[float]] = None  # data-parallel estimator
+
+    # ---------------------------------------------------------------- step protocol
+    def begin_step(self, num_microbatches: int, micro_batch_size: int, *,
+                   sample_grad_scale: Optional[float] = None, loss_scale: float = 1.0) -> None:
+        """Start measuring one optimizer step (call before forward_backward_func).
+
+        sample_grad_scale: s with g_i = s * (grad of this rank's training loss restricted
+            to sample i); default M * b, right for Megatron's mean-token loss / M.
+        loss_scale: the fp16 loss-scaler value the grads still carry (1.0 for bf16/fp32).
+        """
+        self.M, self.b = int(num_microbatches), int(micro_batch_size)
+        self.sample_grad_scale = float(sample_grad_scale if sample_grad_scale is not None
+                                       else self.M * self.b)
+        self.loss_scale = float(loss_scale)
+        self._counts = {}
+        self._totals: Optional[torch.Tensor] = None  # [M * b] fp64
+        self._pending = []  # (micro-batch, [b, h] fp32) awaiting the TP all-reduce
+        self._pending_elements = 0
+        self._small_sq_norms = None
+        self._measuring = True
+
+    def microbatch_index(self, module) -> Optional[int]:
+        """Called by a GNS layer's forward: its micro-batch index, or None (don't report).
+
+        Every module runs its grad-enabled forwards in micro-batch order, also under
+        pipeline schedules and full recompute (whose first forward runs without grad and
+        whose re-forward runs in backward order, which is micro-batch order too).
+        """
+        if not (self._measuring and self.estimator.estimator == "per-sample"
+                and torch.is_grad_enabled()):
+            return None
+        k = self._counts.get(id(module), 0)
+        if k >= self.M:
+            raise RuntimeError(f"{type(module).__name__} ran more grad-enabled forwards than "
+                               f"the {self.M} micro-batches given to begin_step")
+        self._counts[id(module)] = k + 1
+        return k
+
+    def _slot(self, mb: int, like: torch.Tensor) -> torch.Tensor:
+        if self._totals is None:
+            self._totals = torch.zeros(self.M * self.b, dtype=torch.float64, device=like.device)
+        return self._totals[mb * self.b:(mb + 1) * self.b]
+
+    def add_sq_norms(self, mb: int, sq: torch.Tensor, tp_duplicated: bool = False) -> None:
+        """Add [b] squared-norm contributions; `tp_duplicated` ones count on TP rank 0 only."""
+        if sq.numel() != self.b:
+            raise ValueError(f"expected {self.b} per-sample norms, got shape {tuple(sq.shape)}")
+        if tp_duplicated and self.tp_rank != 0:
+            return
+        self._slot(mb, sq).add_(sq.detach().reshape(-1).double())
+
+    def add_grad_vectors(self, mb: int, vec: torch.Tensor) -> None:
+        """Add per-sample gradient vectors [b, h] that are partial sums over TP ranks."""
+        if self.tp_size == 1:
+            self.add_sq_norms(mb, vec.square().sum(-1))
+            return
+        self._pending.append((mb, vec.detach().float()))
+        self._pending_elements += vec.numel()
+        if self._pending_elements >= self.flush_elements:
+            self._flush()
+
+    def _flush(self) -> None:
+        # One TP all-reduce for all pending vectors; every TP rank has the same pending list
+        # (same modules in the same order), so the collectives match.
+        if not self._pending:
+            return
+        flat = torch.cat([v.reshape(-1) for _, v in self._pending])
+        dist.all_reduce(flat, group=self.tp_group)
+        offset = 0
+        for mb, v in self._pending:
+            full = flat[offset:offset + v.numel()].view_as(v)  # [b, h]
+            offset += v.numel()
+            if self.tp_rank == 0:  # the summed vector is now on every rank: count once
+                self._slot(mb, v).add_(full.square().sum(-1).double())
+        self._pending, self._pending_elements = [], 0
+
+    # ---------------------------------------------------------------- batch gradient
+    def _grad(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+        g = getattr(p, "main_grad", None)
+        return g if g is not None else p.grad
+
+    def _local_batch_sq_norm(self, reduce_sp: bool) -> torch.Tensor:
+        """This rank's share of Σ_params ‖grad‖² (TP shards add, duplicates count once).
+
+        reduce_sp: the grads of sequence-parallel params are still TP-partial (before
+        finalize): all-reduce copies of them over TP first. Stays on the device (no sync).
+        """
+        counted, sp = [], []
+        for p in self.params:
+            g = self._grad(p)
+            if g is None:
+                continue
+            if getattr(p, "tensor_model_parallel", False):
+                counted.append(g.detach())
+            elif reduce_sp and self.tp_size > 1 and getattr(p, "sequence_parallel", False):
+                sp.append(g.detach().float().reshape(-1))
+            elif self.tp_rank == 0:
+                counted.append(g.detach())
+        if sp:
+            flat = torch.cat(sp)
+            dist.all_reduce(flat, group=self.tp_group)
+            if self.tp_rank == 0:
+                counted.append(flat)
+        total = torch.zeros((), dtype=torch.float64, device=self._device())
+        if counted:  # one fused multi-tensor norm instead of a kernel (and sync) per param
+            norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g
+                                         for g in counted])
+            total += torch.stack(norms).double().square().sum()
+        return total
+
+    def _mp_sum(self, t: torch.Tensor, device) -> torch.Tensor:
+        t = t.to(device)
+        if dist.get_world_size(self.mp_group) > 1:
+            dist.all_reduce(t, group=self.mp_group)
+        return t
+
+    def _device(self) -> torch.device:
+        return self.params[0].device if self.params[0].device.type != "meta" else torch.device("cpu")
+
+    def wrap_finalize_model_grads(self, finalize_fn: Callable) -> Callable:
+        """Wrap megatron's finalize_model_grads: reads per-DP-rank grads before the DP
+        reduction (the small batch of the data-parallel estimator)."""
+
+        def finalize_with_gns(*args, **kwargs):
+            if self._measuring and self.estimator.estimator == "data-parallel":
+                local = self._mp_sum(self._local_batch_sq_norm(reduce_sp=True).to(torch.float64),
+                                     self._device()).reshape(1)
+                out = [torch.zeros_like(local) for _ in range(self.dp_size)]
+                dist.all_gather(out, local, group=self.dp_group)
+                self._small_sq_norms = [float(x) for x in torch.cat(out)]
+            return finalize_fn(*args, **kwargs)
+
+        return finalize_with_gns
+
+    # ---------------------------------------------------------------- end of step
+    def end_step(self, tokens: int) -> Optional[GNSMeasurement]:
+        """Finish the step (after finalize_model_grads, before optimizer.step()).
+
+        `tokens`: tokens consumed by this step (global batch). Collective: call on all ranks.
+        Returns the measurement (same on every rank) or None if the step was skipped.
+        """
+        if not self._measuring:
+            return None
+        self._measuring = False
+        dev = self._device()
+        B = self.dp_size * self.M * self.b
+        s, ls = self.sample_grad_scale, self.loss_scale
+        # main_grad after DDP = (1/dp) Σ_ranks Σ_i g_i / s  ->  G_B = main_grad * dp * s / B
+        big_scale = (self.dp_size * s / B / ls) ** 2
+        big = float(self._mp_sum(self._local_batch_sq_norm(reduce_sp=False), dev)) * big_scale
+        self.last_batch_sq_norm = big
+        if self.estimator.estimator == "data-parallel":
+            if self._small_sq_norms is None:
+                raise RuntimeError("the data-parallel estimator needs the finalize wrapper: set "
+                                   "config.finalize_model_grads_func = "
+                                   "tracker.wrap_finalize_model_grads(finalize_model_grads)")
+            if self.dp_size < 2:
+                raise ValueError("--gns-estimator data-parallel needs data-parallel size >= 2")
+            small_b = self.M * self.b
+            small_scale = (s / small_b / ls) ** 2
+            smalls = [x * small_scale for x in self._small_sq_norms]
+            self.last_small_sq_norms = smalls
+            m = self.estimator.update_two_batch(smalls, small_b, big, B, tokens)
+        else:
+            self._flush()
+            totals = self._totals if self._totals is not None else torch.zeros(
+                self.M * self.b, dtype=torch.float64)
+            totals = self._mp_sum(totals, dev)
+            if self.dp_size > 1:
+                out = [torch.zeros_like(totals) for _ in range(self.dp_size)]
+                dist.all_gather(out, totals, group=self.dp_group)
+                totals = torch.cat(out)
+            per_sample = (totals * (s / ls) ** 2).tolist()
+            self.last_per_sample_sq_norms = per_sample
+            m = self.estimator.update_per_sample(per_sample, big, tokens)
+        if m is not None:
+            self.history.append(m.to_dict())
+        return m
+
+    # ---------------------------------------------------------------- checkpoint / plot
+    def state_dict(self) -> dict:
+        return {"version": 1, "estimator": self.estimator.state_dict(),
+                "history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version", 1) != 1:
+            raise ValueError(f"unknown GNSTracker state version {state.get('version')}")
+        self.estimator.load_state_dict(state["estimator"])
+        self.history = [dict(h) for h in state.get("history", [])]
+
+    def plot(self, path: Optional[str] = None) -> bool:
+        """Write the B_simple-vs-tokens PNG (default: config.gns_plot); True if written."""
+        path = path or self.config.gns_plot
+        if not path:
+            return False
+        from .plot import plot_gns_history
+
+        return plot_gns_history(self.history, path)

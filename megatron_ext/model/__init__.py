@@ -1,0 +1,1 @@
+"""Model building blocks plugged into megatron-core through layer specs."""

@@ -1,0 +1,47 @@
+"""Configuration of the core-attention backend and context parallelism.
+
+Main API: :class:`AttentionConfig`, :func:`add_attention_args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "local")
+
+
+@dataclass
+class AttentionConfig:
+    attention_backend: str = "auto"
+    """Core attention: ``flash`` (flash-attn package), ``sdpa`` (PyTorch
+    scaled_dot_product_attention, flash/efficient kernels), ``local`` (megatron-core's
+    DotProductAttention, materialises s x s scores) or ``auto`` (flash if importable, else sdpa)."""
+
+    context_parallel_size: int = 1
+    """Split every sequence over this many ranks (ring attention with the load-balanced causal
+    split). Needs the flash/sdpa backend: megatron-core's local attention refuses CP."""
+
+    def __post_init__(self):
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"--attention-backend {self.attention_backend!r}: choose one of "
+                f"{', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.context_parallel_size < 1:
+            raise ValueError("--context-parallel-size must be >= 1")
+        if self.context_parallel_size > 1 and self.attention_backend == "local":
+            raise ValueError(
+                "--context-parallel-size > 1 needs --attention-backend auto, flash or sdpa "
+                "(megatron-core's local attention does not support context parallelism)"
+            )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "AttentionConfig":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def add_attention_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("attention and context parallelism")
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
+    g.add_argument("--context-parallel-size", type=int, default=1)
