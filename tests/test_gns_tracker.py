@@ -91,3 +91,10 @@ def test_dp2_per_sample_and_data_parallel_estimators(tp1, tmp_path):
     assert_close(d["small_gns"], tp1["half_brute"])
     assert_close(d["batch_gns"], tp1["batch_brute"])
     assert d["b_simple"] is not None and math.isfinite(d["b_simple"])
+
+
+def test_dp2_distributed_optimizer_batch_norm(tp1, tmp_path):
+    # finalize reduce-scatters the grads: |G_B|^2 is summed over the DP ranks' shards
+    r = run_worker(tmp_path, 2, "--micro-batches", "1", "--dist-opt")
+    assert_close(r["per_sample_gns"], tp1["per_sample_brute"])
+    assert_close(r["batch_gns"], tp1["batch_brute"])

@@ -11,9 +11,15 @@ Main API:
 What is measured (McCandlish et al. 2018, App. A): g_i = gradient of sample i's mean-token
 loss and G_B = mean_i g_i over the global batch, both restricted to the *tracked* parameter
 set = every parameter of a GNS layer (`megatron_ext.gns.layers`): all linear weights and
-biases and all norm γ/β of the transformer block. The word embedding and the (tied) output
-layer are not GNS layers and are left out of both |g_i|² and |G_B|² (so B_simple is that of
-the transformer block; see the report/README for the effect).
+biases and all norm γ/β of the transformer block. By default the word embedding and the
+output layer (tied or not) are left out of both |g_i|² and |G_B|² (B_simple of the
+transformer block). With `gns_include_embedding` the tracker swaps them to the GNS classes
+of `megatron_ext.gns.embedding` and they are included exactly (tied weights: with the
+cross term; not supported with tied weights under PP > 1).
+
+Distributed optimizer: the reduce-scattered main_grad shards are summed over DP ranks.
+Not supported: context parallelism (raises), calculate_per_token_loss, MoE experts,
+learned absolute position embeddings with gns_include_embedding (raises).
 
 Per-sample norms: layers add [b] partial squared norms (or [b, h] TP-partial vectors for
 sequence-parallel params) into slot (micro-batch m, sample j) of a [M * b] buffer; at
@@ -66,10 +72,6 @@ class GNSTracker:
         if ps.get_context_parallel_world_size() > 1:
             raise ValueError("--gns does not support context parallelism (per-sample norms "
                              "would be partial over CP ranks); use --context-parallel-size 1")
-        if config.gns_include_embedding:
-            raise NotImplementedError(
-                "--gns-include-embedding is not implemented yet: per-sample norms of the "
-                "(tied) embedding need a per-sample scatter over the vocabulary; run without it")
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.tp_size = ps.get_tensor_model_parallel_world_size()
@@ -77,8 +79,16 @@ class GNSTracker:
         self.dp_group = ps.get_data_parallel_group()
         self.dp_size = ps.get_data_parallel_world_size()
         self.model_chunks = list(model_chunks)
+        if config.gns_include_embedding:
+            from .embedding import convert_embedding_layers
+
+            pp = ps.get_pipeline_model_parallel_world_size()
+            for c in self.model_chunks:
+                convert_embedding_layers(_unwrap(c), pp)
+        from .embedding import GNSVocabParallelEmbedding
+
         self.modules = [m for c in self.model_chunks for m in _unwrap(c).modules()
-                        if isinstance(m, GNS_LAYER_TYPES)]
+                        if isinstance(m, GNS_LAYER_TYPES + (GNSVocabParallelEmbedding,))]
         if not self.modules:
             raise ValueError("the model has no GNS layers: build it with "
                              "get_gpt_layer_spec(**gns_layer_spec_kwargs())")
@@ -90,11 +100,49 @@ class GNSTracker:
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
                     self.params.append(p)
+        for c in self.model_chunks:
+            if getattr(getattr(_unwrap(c), "config", None), "calculate_per_token_loss", False):
+                raise ValueError("--gns assumes Megatron's mean-token loss per micro-batch; "
+                                 "drop --calculate-per-token-loss")
+        self._shard_ranges = self._distributed_optimizer_shards()
+        if config.gns_estimator == "data-parallel":
+            for c in self.model_chunks:
+                if getattr(getattr(c, "ddp_config", None), "overlap_grad_reduce", False):
+                    raise ValueError("--gns-estimator data-parallel reads each rank's grads "
+                                     "before the DP reduction: use overlap_grad_reduce=False "
+                                     "(drop --overlap-grad-reduce) or --gns-estimator per-sample")
         self._measuring = False
         self._small_sq_norms: Optional[List[float]] = None
         self.last_per_sample_sq_norms: Optional[List[float]] = None
         self.last_batch_sq_norm: Optional[float] = None
         self.last_small_sq_norms: Optional[List[float]] = None  # data-parallel estimator
+
+    def _distributed_optimizer_shards(self) -> Optional[dict]:
+        """param -> (lo, hi): the slice of its flat main_grad this DP rank holds reduced.
+
+        With Megatron's distributed optimizer, finalize reduce-scatters each bucket, so the
+        reduced grad of a param is spread over DP ranks; |G_B|^2 is then the sum over DP
+        ranks of their shards. None when no chunk uses the distributed optimizer.
+        """
+        ranges = None
+        for c in self.model_chunks:
+            if not getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", False):
+                continue
+            ranges = {} if ranges is None else ranges
+            where = {}  # bucket -> (DP shards, this rank's shard)
+            for group in list(c.bucket_groups) + list(c.expert_parallel_bucket_groups):
+                for bucket in group.buckets:
+                    where[id(bucket)] = (group.intra_distributed_optimizer_instance_size,
+                                         group.intra_distributed_optimizer_instance_rank)
+            for buffer in list(c.buffers) + list(c.expert_parallel_buffers):
+                for p, (start, end, bucket_id) in buffer.param_index_map.items():
+                    bucket = buffer.buckets[bucket_id]
+                    n, r = where[id(bucket)]
+                    shard = bucket.grad_data.numel() // n
+                    start, end = start - bucket.offset, end - bucket.offset  # in the bucket
+                    lo, hi = max(start, r * shard), min(end, (r + 1) * shard)
+                    ranges[p] = (lo - start, max(lo, hi) - start)
+        return ranges
 
     # ---------------------------------------------------------------- step protocol
     def begin_step(self, num_microbatches: int, micro_batch_size: int, *,
@@ -114,6 +162,7 @@ class GNSTracker:
         self._pending = []  # (micro-batch, [b, h] fp32) awaiting the TP all-reduce
         self._pending_elements = 0
         self._small_sq_norms = None
+        self._tied_tokens, self._tied_rows = {}, {}
         self._measuring = True
 
     def microbatch_index(self, module) -> Optional[int]:
@@ -171,6 +220,19 @@ class GNSTracker:
                 self._slot(mb, v).add_(full.square().sum(-1).double())
         self._pending, self._pending_elements = [], 0
 
+    # tied embedding/output weight (embedding.py): tokens go forward, output rows backward
+    def set_tied_tokens(self, mb: int, idx: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
+        self._tied_tokens[mb] = (idx, valid)
+
+    def tied_tokens(self, mb: int):
+        return self._tied_tokens.pop(mb)
+
+    def set_tied_rows(self, mb: int, rows: torch.Tensor) -> None:
+        self._tied_rows[mb] = rows
+
+    def pop_tied_rows(self, mb: int) -> torch.Tensor:
+        return self._tied_rows.pop(mb)
+
     # ---------------------------------------------------------------- batch gradient
     def _grad(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
         g = getattr(p, "main_grad", None)
@@ -183,10 +245,14 @@ class GNSTracker:
         finalize): all-reduce copies of them over TP first. Stays on the device (no sync).
         """
         counted, sp = [], []
+        shards = None if reduce_sp else self._shard_ranges
         for p in self.params:
             g = self._grad(p)
             if g is None:
                 continue
+            if shards is not None and p in shards:  # after a reduce-scatter: own slice only
+                lo, hi = shards[p]
+                g = g.reshape(-1)[lo:hi]
             if getattr(p, "tensor_model_parallel", False):
                 counted.append(g.detach())
             elif reduce_sp and self.tp_size > 1 and getattr(p, "sequence_parallel", False):
@@ -244,7 +310,10 @@ class GNSTracker:
         s, ls = self.sample_grad_scale, self.loss_scale
         # main_grad after DDP = (1/dp) Σ_ranks Σ_i g_i / s  ->  G_B = main_grad * dp * s / B
         big_scale = (self.dp_size * s / B / ls) ** 2
-        big = float(self._mp_sum(self._local_batch_sq_norm(reduce_sp=False), dev)) * big_scale
+        big_t = self._mp_sum(self._local_batch_sq_norm(reduce_sp=False), dev)
+        if self._shard_ranges is not None and self.dp_size > 1:
+            dist.all_reduce(big_t, group=self.dp_group)  # DP ranks hold disjoint shards
+        big = float(big_t) * big_scale
         self.last_batch_sq_norm = big
         if self.estimator.estimator == "data-parallel":
             if self._small_sq_norms is None:

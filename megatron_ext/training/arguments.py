@@ -174,17 +174,17 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     cp = getattr(args, "context_parallel_size", 1) or 1
     need(
+        args.num_attention_heads % tp == 0,
+        f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+        f"--tensor-model-parallel-size {tp}: pick heads that are a multiple of TP",
+    )
+    need(
         world_size % (tp * pp * cp) == 0,
         f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
         f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp}: change the sizes "
         f"or the number of processes (torchrun --nproc_per_node)",
     )
     args.data_parallel_size = world_size // (tp * pp * cp)
-    need(
-        args.num_attention_heads % tp == 0,
-        f"--num-attention-heads {args.num_attention_heads} is not divisible by "
-        f"--tensor-model-parallel-size {tp}: pick heads that are a multiple of TP",
-    )
     need(
         args.hidden_size % args.num_attention_heads == 0 or args.kv_channels,
         f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "

@@ -1,0 +1,135 @@
+"""Save and resume training state with megatron-core ``dist_checkpointing``.
+
+Main API: :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`latest_iteration`.
+
+Layout of ``--save DIR``::
+
+    DIR/iter_0000040/                  dist_checkpointing directory (model + optimizer shards,
+                                       common.pt with the loop's replicated state)
+    DIR/iter_0000040/rank_00003.pt     this rank's RNG states (differ per TP/PP rank)
+    DIR/latest_checkpointed_iteration.txt
+
+A checkpoint is written to ``iter_N.tmp`` and renamed when every rank has finished, and the
+"latest" file is replaced atomically afterwards, so a crash while saving never leaves a
+half-written checkpoint behind as the one to resume from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any, Dict, Optional
+
+import torch
+
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+logger = logging.getLogger(__name__)
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+
+
+def _iter_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    path = os.path.join(root, LATEST_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return int(f.read().strip())
+
+
+def _rng_state() -> Dict[str, Any]:
+    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(model, optimizer, include_optim: bool, is_loading: bool) -> Dict[str, Any]:
+    model_sd = model.sharded_state_dict()
+    state = {"model": model_sd}
+    if include_optim:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    return state
+
+
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    model,
+    optimizer,
+    loop_state: Dict[str, Any],
+    save_optim: bool = True,
+) -> str:
+    """Save model/optimizer shards plus ``loop_state`` (identical on every rank)."""
+    rank = torch.distributed.get_rank()
+    final_dir = _iter_dir(root, iteration)
+    tmp_dir = final_dir + ".tmp"
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir)
+    torch.distributed.barrier()
+    state = _sharded_state(model, optimizer, save_optim, is_loading=False)
+    state["loop"] = loop_state  # non-tensor entries go to common.pt (written by rank 0)
+    dist_checkpointing.save(state, tmp_dir)
+    torch.save(_rng_state(), os.path.join(tmp_dir, f"rank_{rank:05d}.pt"))
+    torch.distributed.barrier()
+    if rank == 0:
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(tmp_dir, final_dir)
+        tmp_latest = os.path.join(root, LATEST_FILE + ".tmp")
+        with open(tmp_latest, "w") as f:
+            f.write(str(iteration))
+        os.replace(tmp_latest, os.path.join(root, LATEST_FILE))
+    torch.distributed.barrier()
+    return final_dir
+
+
+def load_checkpoint(root: str, model, optimizer, load_optim: bool = True) -> Dict[str, Any]:
+    """Load the latest checkpoint under ``root`` into model/optimizer; returns the loop state."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        raise FileNotFoundError(
+            f"--load {root}: no {LATEST_FILE} there; point --load at a --save directory"
+        )
+    ckpt_dir = _iter_dir(root, iteration)
+    rank = torch.distributed.get_rank()
+    rank_file = os.path.join(ckpt_dir, f"rank_{rank:05d}.pt")
+    if not os.path.exists(rank_file):
+        raise FileNotFoundError(
+            f"--load {root}: {rank_file} is missing: resume with the world size and parallel "
+            f"layout of the saving run"
+        )
+    state = _sharded_state(model, optimizer, load_optim, is_loading=True)
+    state["loop"] = None
+    loaded = dist_checkpointing.load(state, ckpt_dir)
+    model.load_state_dict(loaded["model"])
+    if load_optim:
+        optimizer.load_state_dict(loaded["optimizer"])
+    _set_rng_state(torch.load(rank_file, weights_only=False))
+    loop_state = loaded.get("loop") or dist_checkpointing.load_common_state_dict(ckpt_dir)["loop"]
+    logger.info("resumed from %s (iteration %d)", ckpt_dir, iteration)
+    return loop_state
+
+
+def parallel_layout() -> Dict[str, int]:
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+        "cp": ps.get_context_parallel_world_size(),
+    }

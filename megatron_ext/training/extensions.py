@@ -1,0 +1,163 @@
+"""Hooks of megatron_ext's features into the training loop.
+
+Main API: :func:`build_extensions` -> :class:`Extensions`.
+
+The loop calls the same hooks whether a feature is on or off, so a run with ``--gns`` or
+``--batch-growth`` follows exactly the code path of a plain run plus the feature's own work:
+
+* token-based LR schedule (warmup/decay counted in tokens, so they stay right while the
+  global batch changes) times the ``--lr-scaling`` factor of the current batch;
+* gradient noise scale (``--gns``): GNS-aware layers in the spec, a tracker that turns
+  per-sample gradient norms into B_simple before the optimizer clips the gradients;
+* dynamic global batch (``--batch-growth``): a controller that picks the next global batch
+  after each step, through a topology-aware planner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from typing import Any, Dict, Optional
+
+import torch
+
+from megatron_ext.batch_growth.lr_scaling import LRScaler, TokenLRSchedule
+
+logger = logging.getLogger(__name__)
+
+
+class Extensions:
+    def __init__(self, args: argparse.Namespace, cfgs: Dict[str, Any], vocab_size: int):
+        self.args = args
+        self.gns_cfg = cfgs["gns"]
+        self.growth_cfg = cfgs["growth"]
+        tokens_per_iter = args.global_batch_size * args.seq_length
+        self.schedule = TokenLRSchedule(
+            max_lr=args.lr, min_lr=args.min_lr,
+            warmup_tokens=args.lr_warmup_iters * tokens_per_iter,
+            decay_tokens=args.lr_decay_iters * tokens_per_iter,
+            style=args.lr_decay_style if args.lr_decay_iters > args.lr_warmup_iters else "constant",
+        )
+        self.lr_scaler = LRScaler(self.growth_cfg.lr_scaling, args.global_batch_size)
+        self.tracker = None
+        self.linear_classes = None
+        self.norm_class = None
+        if self.gns_cfg.gns:
+            from megatron_ext.gns.layers import gns_layer_classes
+
+            self.linear_classes, self.norm_class = gns_layer_classes()
+        self.controller = None
+        self.current_batch = args.global_batch_size
+        self.current_micro = args.micro_batch_size
+        self._last_measurement = None
+
+    # ------------------------------------------------------------------ set-up
+    def wrap_finalize(self, finalize_fn):
+        if self.tracker_factory_needed():
+            from megatron_ext.gns.tracker import wrap_finalize_model_grads
+
+            return wrap_finalize_model_grads(finalize_fn, lambda: self.tracker)
+        return finalize_fn
+
+    def tracker_factory_needed(self) -> bool:
+        return self.gns_cfg.gns
+
+    def attach(self, gpt_model, ddp_model, optimizer) -> None:
+        from megatron.core import parallel_state as ps
+
+        if self.gns_cfg.gns:
+            from megatron_ext.gns.tracker import GNSTracker
+
+            self.tracker = GNSTracker(self.gns_cfg, [ddp_model], seq_length=self.args.seq_length)
+        if self.growth_cfg.batch_growth != "off":
+            from megatron_ext.training.growth import build_controller
+
+            self.controller = build_controller(self.args, self.growth_cfg,
+                                               ps.get_data_parallel_world_size())
+
+    def describe(self) -> str:
+        parts = [f"lr schedule: {self.schedule.style} over tokens"]
+        if self.tracker is not None:
+            parts.append(f"GNS: {self.gns_cfg.gns_estimator} estimator ({self.tracker.describe()})")
+        if self.controller is not None:
+            parts.append(f"batch growth: {self.growth_cfg.batch_growth}, lr scaling: "
+                         f"{self.growth_cfg.lr_scaling}")
+        return "; ".join(parts)
+
+    # ------------------------------------------------------------------ per step
+    def global_batch_size(self, default: int) -> int:
+        return self.current_batch
+
+    def micro_batch_size(self, default: int) -> int:
+        return self.current_micro
+
+    def begin_step(self, num_microbatches: int, micro_batch_size: int, global_batch: int) -> None:
+        if self.tracker is not None:
+            self.tracker.begin_step(num_microbatches, micro_batch_size, global_batch)
+
+    def b_simple(self) -> Optional[float]:
+        if self.tracker is None:
+            return None
+        b = self.tracker.estimator.b_simple
+        return b if b is not None and math.isfinite(b) else None
+
+    def learning_rate(self, tokens: int, global_batch: int) -> float:
+        return self.schedule.lr(tokens) * self.lr_scaler.factor(global_batch, self.b_simple())
+
+    def before_optimizer_step(self, tokens: int) -> None:
+        if self.tracker is not None:
+            self._last_measurement = self.tracker.end_step(tokens + self.current_batch * self.args.seq_length)
+
+    def after_step(self, iteration: int, tokens: int, step_time: float) -> None:
+        if self.controller is None:
+            return
+        new = self.controller.step(iteration, tokens, self.b_simple(), step_time)
+        if new is not None:
+            plan = self.controller.current_plan()
+            self.current_batch = int(new)
+            if plan is not None:
+                self.current_micro = int(plan.micro_batch_size)
+            if torch.distributed.get_rank() == 0:
+                d = self.controller.last_decision
+                print(f"> batch growth at iteration {iteration}: global batch -> {self.current_batch}"
+                      f" (micro {self.current_micro}); {d.reason if d else ''}", flush=True)
+
+    def metrics(self) -> Dict[str, float]:
+        out: Dict[str, float] = {}
+        m = self._last_measurement
+        if m is not None:
+            out.update({"b_simple": float(m.b_simple) if m.b_simple is not None else float("nan"),
+                        "gns_grad_sq_norm": float(m.grad_sq_norm_ema),
+                        "gns_trace_sigma": float(m.trace_sigma_ema)})
+        return out
+
+    def finish(self, is_log_rank: bool) -> None:
+        if self.tracker is not None and is_log_rank and self.gns_cfg.gns_plot:
+            from megatron_ext.gns.plot import plot_gns_history
+
+            if plot_gns_history(self.tracker.history, self.gns_cfg.gns_plot):
+                print(f"> GNS plot written to {self.gns_cfg.gns_plot}", flush=True)
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "current_batch": self.current_batch,
+            "current_micro": self.current_micro,
+            "lr_scaler": self.lr_scaler.state_dict(),
+            "gns": self.tracker.state_dict() if self.tracker is not None else None,
+            "controller": self.controller.state_dict() if self.controller is not None else None,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.current_batch = int(state["current_batch"])
+        self.current_micro = int(state["current_micro"])
+        self.lr_scaler.load_state_dict(state["lr_scaler"])
+        if self.tracker is not None and state.get("gns") is not None:
+            self.tracker.load_state_dict(state["gns"])
+        if self.controller is not None and state.get("controller") is not None:
+            self.controller.load_state_dict(state["controller"])
+
+
+def build_extensions(args: argparse.Namespace, cfgs: Dict[str, Any], vocab_size: int) -> Extensions:
+    return Extensions(args, cfgs, vocab_size)

@@ -1,0 +1,81 @@
+"""Process groups, devices, seeds and the micro-batch calculator.
+
+Main API: :func:`initialize_megatron`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def initialize_megatron(args: argparse.Namespace) -> str:
+    """Initialise torch.distributed and megatron-core's parallel state; returns the device type.
+
+    Without CUDA the gloo backend runs and :mod:`megatron_ext.cpu_backend` redirects
+    megatron-core's CUDA calls to CPU.
+    """
+    use_cuda = torch.cuda.is_available()
+    backend = args.distributed_backend
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        from megatron_ext.cpu_backend import enable_cpu_backend
+
+        enable_cpu_backend()
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:  # plain `python pretrain_gpt.py`: a world of one
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        torch.distributed.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes),
+        )
+    from megatron.core import parallel_state as ps
+    from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+    )
+    set_seeds(args.seed)
+    init_num_microbatches_calculator(
+        torch.distributed.get_rank(),
+        None,
+        args.global_batch_size,
+        args.micro_batch_size,
+        ps.get_data_parallel_world_size(),
+    )
+    return "cuda" if use_cuda else "cpu"
+
+
+def set_seeds(seed: int) -> None:
+    """Same seed on every rank: data order comes from the sampler, and tensor-parallel
+    dropout gets per-TP-rank streams from Megatron's RNG tracker."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,245 @@
+"""The pretraining loop: megatron-core parts wired together, with megatron_ext's features.
+
+Main API: :func:`main` (what ``examples/pretrain_gpt.py`` runs) and :func:`train`.
+
+One optimizer step:
+  1. the sampler hands this DP rank its micro-batches of the current global batch (the batch
+     may grow between steps; samples are never skipped or repeated);
+  2. ``get_forward_backward_func()`` runs them (no pipelining or 1F1B for PP > 1), with the
+     per-token loss summed and normalised by the global token count in
+     ``finalize_model_grads``;
+  3. the GNS tracker (``--gns``) turns per-sample gradient norms into B_simple;
+  4. the optimizer steps with the token-based LR (times the batch-growth LR factor);
+  5. the batch controller (``--batch-growth``) may pick the next global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from megatron_ext.training.arguments import ArgumentError, parse_args
+
+logger = logging.getLogger("megatron_ext")
+
+
+def print_rank_0(msg: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(msg, flush=True)
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the step boundary and exits."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+
+def _feature_configs(args: argparse.Namespace) -> Dict[str, Any]:
+    """Each feature's dataclass config; their __post_init__ checks raise ValueError."""
+    from megatron_ext.batch_growth.config import BatchGrowthConfig
+    from megatron_ext.data.builder import DataConfig
+    from megatron_ext.gns.config import GNSConfig
+    from megatron_ext.memory_planner import MemoryPlannerConfig
+    from megatron_ext.model.attention_config import AttentionConfig
+
+    cfgs = {
+        "data": DataConfig.from_args(args),
+        "attention": AttentionConfig.from_args(args),
+        "gns": GNSConfig.from_args(args),
+        "memory": MemoryPlannerConfig.from_args(args),
+        "growth": BatchGrowthConfig.from_args(args),
+    }
+    cfgs["growth"].validate_against(gns_enabled=cfgs["gns"].gns)
+    if (args.bf16 or args.fp16) and not torch.cuda.is_available():
+        raise ArgumentError("--bf16/--fp16 need a CUDA GPU (megatron-core's mixed-precision "
+                            "optimizer is CUDA-only): drop the flag to train in fp32 on CPU")
+    if args.context_parallel_size > 1 and args.seq_length % (2 * args.context_parallel_size):
+        raise ArgumentError(f"--seq-length {args.seq_length} must be divisible by 2 x "
+                            f"--context-parallel-size for the load-balanced causal split")
+    if args.context_parallel_size > 1 and args.attention_dropout > 0:
+        raise ArgumentError("--context-parallel-size > 1 needs --attention-dropout 0")
+    return cfgs
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import warnings
+
+    # Megatron warns at import about every optional accelerator it does not find; we log
+    # which paths actually run instead.
+    warnings.filterwarnings("ignore", module=r"megatron\.core.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    rank = int(os.environ.get("RANK", "0"))
+    default_level = "INFO" if rank == 0 else "WARNING"
+    logging.basicConfig(level=os.environ.get("MEGATRON_EXT_LOG_LEVEL", default_level),
+                        format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    for noisy in ("megatron.core", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        args = parse_args(argv)
+        cfgs = _feature_configs(args)
+    except (ArgumentError, ValueError) as e:
+        print(f"pretrain_gpt.py: error: {e}", file=sys.stderr)
+        return 2
+    if cfgs["memory"].plan_memory:
+        from megatron_ext.training.memory_report import print_memory_plan
+
+        print_memory_plan(args, cfgs["memory"])
+        return 0
+    try:
+        train(args, cfgs)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
+    """Run training; returns a summary dict (final loss etc.) on every rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.num_microbatches_calculator import reconfigure_num_microbatches_calculator
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_ext.training import checkpointing
+    from megatron_ext.training.data_iter import TrainData
+    from megatron_ext.training.extensions import build_extensions
+    from megatron_ext.training.initialize import initialize_megatron
+    from megatron_ext.training.metrics import MetricsLogger, memory_gib, model_flops_per_sample
+    from megatron_ext.training.model import build_model, build_transformer_config
+    from megatron_ext.model.attention import get_core_attention
+
+    device = initialize_megatron(args)
+    stop = _StopRequest()
+    config = build_transformer_config(args)
+    core_attention, attention_desc = get_core_attention(cfgs["attention"])
+    data = TrainData(args, cfgs["data"], device)
+    ext = build_extensions(args, cfgs, data.vocab_size)
+    gpt, model = build_model(args, config, data.vocab_size, core_attention,
+                             linear_classes=ext.linear_classes, norm_class=ext.norm_class)
+    config.finalize_model_grads_func = ext.wrap_finalize(finalize_model_grads)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr,
+            weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, sgd_momentum=args.sgd_momentum,
+            clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16,
+            params_dtype=config.params_dtype,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        ),
+        [model],
+    )
+    ext.attach(gpt, model, optimizer)
+
+    iteration, loop_state = 0, None
+    if args.load:
+        loop_state = checkpointing.load_checkpoint(args.load, gpt, optimizer,
+                                                   load_optim=not args.no_load_optim)
+        iteration = int(loop_state["iteration"])
+        data.load_state_dict(loop_state["data"])
+        ext.load_state_dict(loop_state["extensions"])
+
+    dp = ps.get_data_parallel_world_size()
+    is_log_rank = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+                   and ps.get_data_parallel_rank(with_context_parallel=True) == 0)
+    metrics = MetricsLogger(is_log_rank, args.tensorboard_dir, args.log_json)
+    flops_per_sample = model_flops_per_sample(args, data.padded_vocab_size)
+    world = torch.distributed.get_world_size()
+    n_params = sum(p.numel() for p in gpt.parameters())
+    print_rank_0(
+        f"> megatron_ext: {device.upper()} ({torch.distributed.get_backend()}), world {world} = "
+        f"TP {args.tensor_model_parallel_size} x PP {args.pipeline_model_parallel_size} x "
+        f"CP {args.context_parallel_size} x DP {dp}; core attention: {attention_desc}; "
+        f"parameters on rank 0: {n_params / 1e6:.2f} M; {ext.describe()}"
+    )
+    print_rank_0(f"> data: {data.description}")
+
+    forward_backward = get_forward_backward_func()
+    fwd_step = data.forward_step
+    summary: Dict[str, Any] = {"losses": []}
+    last_log_time = time.perf_counter()
+    while iteration < args.train_iters:
+        global_batch = ext.global_batch_size(args.global_batch_size)
+        micro = ext.micro_batch_size(args.micro_batch_size)
+        reconfigure_num_microbatches_calculator(
+            torch.distributed.get_rank(), None, global_batch, micro, dp)
+        micro_batches = data.next_step(global_batch, micro)
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        ext.begin_step(len(micro_batches), micro, global_batch)
+        lr = ext.learning_rate(data.consumed_tokens, global_batch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        t0 = time.perf_counter()
+        losses = forward_backward(
+            forward_step_func=fwd_step, data_iterator=iter(micro_batches), model=[model],
+            num_microbatches=len(micro_batches), seq_length=data.local_seq_length,
+            micro_batch_size=micro, forward_only=False,
+        )
+        ext.before_optimizer_step(data.consumed_tokens)
+        update_ok, grad_norm, _ = optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        step_time = time.perf_counter() - t0
+        iteration += 1
+        data.advance(global_batch)
+        loss = data.reduce_loss(losses)
+        ext.after_step(iteration, data.consumed_tokens, step_time)
+        if loss is not None:
+            summary["losses"].append(loss)
+        if iteration % args.log_interval == 0:
+            now = time.perf_counter()
+            elapsed = (now - last_log_time) / args.log_interval
+            last_log_time = now
+            tokens_per_s = global_batch * args.seq_length / elapsed
+            entry = {
+                "consumed_samples": data.consumed_samples, "tokens": data.consumed_tokens,
+                "iteration_time_ms": elapsed * 1e3, "lr": lr, "global_batch_size": global_batch,
+                "lm_loss": loss if loss is not None else float("nan"),
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "tokens_per_s": tokens_per_s,
+                "tflops_per_gpu": flops_per_sample * global_batch / elapsed / world / 1e12,
+                "memory_gib": memory_gib(), "update_skipped": float(not update_ok),
+            }
+            entry.update(ext.metrics())
+            metrics.log_iteration(iteration, args.train_iters, entry)
+        if args.eval_interval and data.has_valid and iteration % args.eval_interval == 0:
+            val = data.evaluate(forward_backward, model, args.eval_iters)
+            if is_log_rank and val is not None:
+                print(f" validation loss at iteration {iteration}: {val:.6E} | "
+                      f"ppl: {math.exp(min(val, 50)):.3f}", flush=True)
+                metrics.scalars(iteration, {"valid_lm_loss": val})
+        save_now = args.save and (
+            (args.save_interval and iteration % args.save_interval == 0)
+            or iteration == args.train_iters or stop.requested
+            or (args.exit_interval and iteration % args.exit_interval == 0))
+        if save_now:
+            state = {"iteration": iteration, "data": data.state_dict(),
+                     "extensions": ext.state_dict()}
+            path = checkpointing.save_checkpoint(args.save, iteration, gpt, optimizer, state,
+                                                 save_optim=not args.no_save_optim)
+            print_rank_0(f"> saved checkpoint at iteration {iteration} to {path}")
+        if stop.requested:
+            print_rank_0(f"> stop requested: exiting after iteration {iteration}")
+            break
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            print_rank_0(f"> --exit-interval {args.exit_interval}: exiting at iteration {iteration}")
+            break
+    ext.finish(is_log_rank)
+    metrics.close()
+    summary["iteration"] = iteration
+    return summary
