@@ -4,6 +4,7 @@ Main API (plug the classes into `megatron_ext.model.layer_spec.get_gpt_layer_spe
     GNSColumnParallelLinear, GNSRowParallelLinear   subclasses of megatron-core's layers
     GNSNorm                                          subclass of `SPNorm`
     gns_layer_spec_kwargs() -> dict(column_linear=..., row_linear=..., norm=...)
+    gns_layer_classes() -> ((GNSColumnParallelLinear, GNSRowParallelLinear), GNSNorm)
 
 Each layer is inert (runs megatron-core's own code path, zero overhead) until a
 `GNSTracker` attached to it is measuring a step with the per-sample estimator. Then its
@@ -284,3 +285,8 @@ def gns_layer_spec_kwargs() -> dict:
     """Keyword arguments of `get_gpt_layer_spec` (and `norm=` of `get_gpt_block_spec`)."""
     return {"column_linear": GNSColumnParallelLinear, "row_linear": GNSRowParallelLinear,
             "norm": GNSNorm}
+
+
+def gns_layer_classes():
+    """((column_linear, row_linear), norm) of the GNS layers, for a model builder."""
+    return (GNSColumnParallelLinear, GNSRowParallelLinear), GNSNorm

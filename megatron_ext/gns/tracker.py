@@ -64,8 +64,9 @@ class GNSTracker:
     """
 
     def __init__(self, config: GNSConfig, model_chunks: Sequence[torch.nn.Module], *,
-                 flush_elements: int = 1 << 24):
+                 seq_length: Optional[int] = None, flush_elements: int = 1 << 24):
         self.config = config
+        self.seq_length = seq_length  # only for describe()
         self.estimator = GNSEstimator(config.gns_ema_decay, config.gns_estimator)
         self.history: List[dict] = []
         self.flush_elements = int(flush_elements)
@@ -100,10 +101,11 @@ class GNSTracker:
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
                     self.params.append(p)
-        for c in self.model_chunks:
-            if getattr(getattr(_unwrap(c), "config", None), "calculate_per_token_loss", False):
-                raise ValueError("--gns assumes Megatron's mean-token loss per micro-batch; "
-                                 "drop --calculate-per-token-loss")
+        # Megatron's two loss normalisations (see the module docstring, "Scale").
+        self.per_token_loss = any(
+            getattr(getattr(_unwrap(c), "config", None), "calculate_per_token_loss", False)
+            for c in self.model_chunks)
+        self._num_tokens: Optional[int] = None
         self._shard_ranges = self._distributed_optimizer_shards()
         if config.gns_estimator == "data-parallel":
             for c in self.model_chunks:
@@ -145,15 +147,23 @@ class GNSTracker:
         return ranges
 
     # ---------------------------------------------------------------- step protocol
-    def begin_step(self, num_microbatches: int, micro_batch_size: int, *,
+    def begin_step(self, num_microbatches: int, micro_batch_size: int,
+                   global_batch: Optional[int] = None, *,
                    sample_grad_scale: Optional[float] = None, loss_scale: float = 1.0) -> None:
         """Start measuring one optimizer step (call before forward_backward_func).
 
-        sample_grad_scale: s with g_i = s * (grad of this rank's training loss restricted
-            to sample i); default M * b, right for Megatron's mean-token loss / M.
+        num_microbatches, micro_batch_size: M and b of this step on this DP rank.
+        global_batch: optional check that dp * M * b is the global batch.
+        sample_grad_scale: (mean-token loss only) s with g_i = s * (grad of this rank's
+            training loss restricted to sample i); default M * b, right for Megatron's
+            mean-token loss / M. Ignored with calculate_per_token_loss (B / N is used).
         loss_scale: the fp16 loss-scaler value the grads still carry (1.0 for bf16/fp32).
         """
         self.M, self.b = int(num_microbatches), int(micro_batch_size)
+        if global_batch is not None and int(global_batch) != self.dp_size * self.M * self.b:
+            raise ValueError(f"global batch {global_batch} != data-parallel size {self.dp_size}"
+                             f" x {self.M} micro-batches x micro-batch size {self.b}")
+        self._num_tokens = None
         self.sample_grad_scale = float(sample_grad_scale if sample_grad_scale is not None
                                        else self.M * self.b)
         self.loss_scale = float(loss_scale)
@@ -281,19 +291,23 @@ class GNSTracker:
         return self.params[0].device if self.params[0].device.type != "meta" else torch.device("cpu")
 
     def wrap_finalize_model_grads(self, finalize_fn: Callable) -> Callable:
-        """Wrap megatron's finalize_model_grads: reads per-DP-rank grads before the DP
-        reduction (the small batch of the data-parallel estimator)."""
+        """Wrap megatron's finalize_model_grads for this tracker (see the module function)."""
+        return wrap_finalize_model_grads(finalize_fn, lambda: self)
 
-        def finalize_with_gns(*args, **kwargs):
-            if self._measuring and self.estimator.estimator == "data-parallel":
-                local = self._mp_sum(self._local_batch_sq_norm(reduce_sp=True).to(torch.float64),
-                                     self._device()).reshape(1)
-                out = [torch.zeros_like(local) for _ in range(self.dp_size)]
-                dist.all_gather(out, local, group=self.dp_group)
-                self._small_sq_norms = [float(x) for x in torch.cat(out)]
-            return finalize_fn(*args, **kwargs)
-
-        return finalize_with_gns
+    def _finalize(self, finalize_fn: Callable, *args, **kwargs):
+        if self._measuring and self.estimator.estimator == "data-parallel":
+            # per-rank grads before the DP reduction: the small batch
+            local = self._mp_sum(self._local_batch_sq_norm(reduce_sp=True), self._device())
+            local = local.reshape(1)
+            out = [torch.zeros_like(local) for _ in range(self.dp_size)]
+            dist.all_gather(out, local, group=self.dp_group)
+            self._small_sq_norms = [float(x) for x in torch.cat(out)]
+        num_tokens = kwargs.get("num_tokens", args[1] if len(args) > 1 else None)
+        result = finalize_fn(*args, **kwargs)
+        if self._measuring and num_tokens is not None:
+            # finalize broadcast it over PP and summed it over DP in place: global count N
+            self._num_tokens = int(num_tokens.item())
+        return result
 
     # ---------------------------------------------------------------- end of step
     def end_step(self, tokens: int) -> Optional[GNSMeasurement]:
@@ -307,9 +321,24 @@ class GNSTracker:
         self._measuring = False
         dev = self._device()
         B = self.dp_size * self.M * self.b
-        s, ls = self.sample_grad_scale, self.loss_scale
-        # main_grad after DDP = (1/dp) Σ_ranks Σ_i g_i / s  ->  G_B = main_grad * dp * s / B
-        big_scale = (self.dp_size * s / B / ls) ** 2
+        ls = self.loss_scale
+        if self.per_token_loss:
+            # loss = Σ_tokens ℓ / N over the global batch (finalize divides by N): with
+            # h_i = (B / N) Σ_{t in i} ∇ℓ, mean_i h_i is exactly the reduced main_grad (=
+            # the mean-token gradient g_i when every sample has N / B loss tokens).
+            if self._num_tokens is None:
+                raise RuntimeError("calculate_per_token_loss needs the finalize wrapper: set "
+                                   "config.finalize_model_grads_func = "
+                                   "tracker.wrap_finalize_model_grads(finalize_model_grads)")
+            if self._num_tokens <= 0:
+                self._pending, self._pending_elements = [], 0
+                return self.estimator._skip_step(tokens)
+            s = B / self._num_tokens
+            big_scale = 1.0 / ls ** 2
+        else:
+            # main_grad after DDP = (1/dp) Σ_ranks Σ_i g_i / s  ->  G_B = main_grad * dp * s / B
+            s = self.sample_grad_scale
+            big_scale = (self.dp_size * s / B / ls) ** 2
         big_t = self._mp_sum(self._local_batch_sq_norm(reduce_sp=False), dev)
         if self._shard_ranges is not None and self.dp_size > 1:
             dist.all_reduce(big_t, group=self.dp_group)  # DP ranks hold disjoint shards
@@ -322,7 +351,7 @@ class GNSTracker:
                                    "tracker.wrap_finalize_model_grads(finalize_model_grads)")
             if self.dp_size < 2:
                 raise ValueError("--gns-estimator data-parallel needs data-parallel size >= 2")
-            small_b = self.M * self.b
+            small_b = self.M * self.b  # per-rank grad = Σ_{i on rank} h_i / s
             small_scale = (s / small_b / ls) ** 2
             smalls = [x * small_scale for x in self._small_sq_norms]
             self.last_small_sq_norms = smalls
@@ -362,3 +391,28 @@ class GNSTracker:
         from .plot import plot_gns_history
 
         return plot_gns_history(self.history, path)
+
+    def describe(self) -> str:
+        """One line for the training log: what is measured and how."""
+        n = sum(p.numel() for p in self.params)
+        emb = "included" if self.config.gns_include_embedding else "excluded"
+        loss = "per-token loss" if self.per_token_loss else "mean-token loss / M"
+        return (f"{len(self.params)} tracked tensors, {n / 1e6:.2f} M params on this rank, "
+                f"embedding/output layer {emb}, {loss}")
+
+
+def wrap_finalize_model_grads(finalize_fn: Callable, get_tracker: Callable) -> Callable:
+    """Megatron's `config.finalize_model_grads_func`, with the tracker's hooks around it.
+
+    `get_tracker()` returns the GNSTracker or None (so the wrapper can be installed before
+    the tracker exists). Before the DP reduction it reads each rank's grads (data-parallel
+    estimator); afterwards it records the global loss-token count (per-token loss).
+    """
+
+    def finalize_with_gns(*args, **kwargs):
+        tracker = get_tracker()
+        if tracker is None:
+            return finalize_fn(*args, **kwargs)
+        return tracker._finalize(finalize_fn, *args, **kwargs)
+
+    return finalize_with_gns

@@ -70,6 +70,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--micro-batch-size", type=int, default=2)
     g.add_argument("--global-batch-size", type=int, default=None, help="default micro x DP")
     g.add_argument("--train-iters", type=int, default=40)
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="train on this many samples instead of a number of iterations "
+                        "(the natural budget when the global batch grows)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
@@ -91,6 +94,12 @@ def add_lr_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-fraction", type=float, default=None)
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default train-iters")
+    g.add_argument("--lr-warmup-samples", type=int, default=None,
+                   help="warmup length in samples (default: warmup iters x global batch)")
+    g.add_argument("--lr-decay-samples", type=int, default=None,
+                   help="decay horizon in samples (default: --train-samples, or decay iters x "
+                        "global batch); the schedule counts tokens, so it stays right when "
+                        "the global batch grows")
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -232,6 +241,12 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             "--recompute-method/--recompute-num-layers need --recompute-granularity full"
         )
 
+    if args.train_samples is not None:
+        need(args.train_samples >= args.global_batch_size,
+             "--train-samples must be at least one --global-batch-size")
+        # An upper bound: the global batch only grows, so the run may end earlier.
+        args.train_iters = -(-args.train_samples // args.global_batch_size)
+
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     need(args.max_position_embeddings >= args.seq_length,
@@ -243,6 +258,13 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
     need(args.min_lr <= args.lr, "--min-lr must be <= --lr")
     need(args.lr_warmup_iters <= args.lr_decay_iters, "--lr-warmup-iters exceeds --lr-decay-iters")
+    if args.lr_warmup_samples is None:
+        args.lr_warmup_samples = args.lr_warmup_iters * args.global_batch_size
+    if args.lr_decay_samples is None:
+        args.lr_decay_samples = (args.train_samples if args.train_samples is not None
+                                 else args.lr_decay_iters * args.global_batch_size)
+    need(args.lr_warmup_samples <= args.lr_decay_samples,
+         "--lr-warmup-samples exceeds --lr-decay-samples")
     if args.save_interval is not None:
         need(args.save is not None, "--save-interval needs --save DIR")
         need(args.save_interval >= 1, "--save-interval must be >= 1")

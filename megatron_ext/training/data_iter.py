@@ -42,7 +42,7 @@ class TrainData:
         self.padded_vocab_size = padded_vocab_size(
             self.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
         max_batch = max(args.global_batch_size, getattr(args, "batch_growth_max", None) or 0)
-        train_samples = args.train_iters * max_batch
+        train_samples = args.train_samples or args.train_iters * max_batch
         eval_runs = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
         valid_samples = args.eval_iters * args.global_batch_size * eval_runs
         self.train_ds, self.valid_ds, _ = build_gpt_datasets(

@@ -32,12 +32,12 @@ class Extensions:
         self.args = args
         self.gns_cfg = cfgs["gns"]
         self.growth_cfg = cfgs["growth"]
-        tokens_per_iter = args.global_batch_size * args.seq_length
         self.schedule = TokenLRSchedule(
             max_lr=args.lr, min_lr=args.min_lr,
-            warmup_tokens=args.lr_warmup_iters * tokens_per_iter,
-            decay_tokens=args.lr_decay_iters * tokens_per_iter,
-            style=args.lr_decay_style if args.lr_decay_iters > args.lr_warmup_iters else "constant",
+            warmup_tokens=args.lr_warmup_samples * args.seq_length,
+            decay_tokens=args.lr_decay_samples * args.seq_length,
+            style=(args.lr_decay_style if args.lr_decay_samples > args.lr_warmup_samples
+                   else "constant"),
         )
         self.lr_scaler = LRScaler(self.growth_cfg.lr_scaling, args.global_batch_size)
         self.tracker = None

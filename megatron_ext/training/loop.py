@@ -226,6 +226,7 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
         save_now = args.save and (
             (args.save_interval and iteration % args.save_interval == 0)
             or iteration == args.train_iters or stop.requested
+            or (args.train_samples is not None and data.consumed_samples >= args.train_samples)
             or (args.exit_interval and iteration % args.exit_interval == 0))
         if save_now:
             state = {"iteration": iteration, "data": data.state_dict(),
@@ -235,6 +236,8 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
             print_rank_0(f"> saved checkpoint at iteration {iteration} to {path}")
         if stop.requested:
             print_rank_0(f"> stop requested: exiting after iteration {iteration}")
+            break
+        if args.train_samples is not None and data.consumed_samples >= args.train_samples:
             break
         if args.exit_interval and iteration % args.exit_interval == 0:
             print_rank_0(f"> --exit-interval {args.exit_interval}: exiting at iteration {iteration}")
