@@ -50,6 +50,8 @@ def test_loss_goes_down(baseline):
         ("tp2_sp", 2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
         ("pp2", 2, ["--pipeline-model-parallel-size", "2"]),
         ("dp2", 2, []),
+        ("cp2", 2, ["--context-parallel-size", "2"]),
+        ("local_attention", 1, ["--attention-backend", "local"]),
     ],
 )
 def test_parallel_layouts_match_baseline(tmp_path, data_cache, baseline, name, nproc, extra):

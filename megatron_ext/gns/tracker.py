@@ -26,10 +26,16 @@ sequence-parallel params) into slot (micro-batch m, sample j) of a [M * b] buffe
 `end_step` the buffer is summed over the model-parallel group (TP shards + PP stages) and
 gathered over data-parallel ranks (they hold different samples).
 
-Scale: Megatron's micro-batch loss is mean-over-its-tokens / M, so the gradient the kernel
-sees for sample i is g_i / (M * b); `sample_grad_scale` (default M * b) undoes that, and
-`loss_scale` undoes an fp16 loss scaler. DDP averages over DP ranks, so the reduced
-main_grad is G_B * B / (dp * sample_grad_scale) (= G_B for the default scale).
+Scale (read from the model config, nothing guessed): `loss_scale` undoes an fp16 loss scaler.
+* mean-token loss (calculate_per_token_loss=False): a micro-batch's loss is the mean over its
+  tokens / M, so the kernel sees g_i / (M * b); `sample_grad_scale` (default M * b) undoes it.
+  DDP averages over DP ranks, so main_grad = G_B * B / (dp * sample_grad_scale) (= G_B).
+* per-token loss (calculate_per_token_loss=True, loss = token sum, finalize divides by the
+  global loss-token count N, captured by the finalize wrapper): the per-sample gradient is
+  h_i = (B / N) Σ_{t in i} ∇ℓ_t, whose mean over the B samples is exactly the reduced
+  main_grad. With N / B loss tokens in every sample (no padding mask) h_i is the gradient of
+  sample i's mean-token loss; with masked tokens samples are weighted by their token count,
+  consistently in |h_i|² and |G_B|².
 """
 from __future__ import annotations
 
