@@ -21,17 +21,33 @@ def data_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("data_cache")
 
 
-def _train(tmp_path, data_cache, nproc, extra, name, iters=ITERS):
+def _train(tmp_path, data_cache, nproc, extra, name, iters=ITERS, with_stdout=False):
     out = tmp_path / f"{name}.jsonl"
-    run_pretrain(nproc, [*TINY, "--train-iters", str(iters), "--data-cache-path", str(data_cache),
-                         "--log-json", str(out), *extra], tmp_path)
-    return losses(out)
+    proc = run_pretrain(nproc, [*TINY, "--train-iters", str(iters), "--data-cache-path",
+                                str(data_cache), "--log-json", str(out), *extra], tmp_path)
+    return (losses(out), proc.stdout) if with_stdout else losses(out)
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory, data_cache):
+def baseline_run(tmp_path_factory, data_cache):
     tmp = tmp_path_factory.mktemp("baseline")
-    return _train(tmp, data_cache, 1, [], "baseline")
+    # Evaluation runs forward-only on its own sampler and must not change training.
+    loss, stdout = _train(tmp, data_cache, 1, ["--eval-interval", "3", "--eval-iters", "1",
+                                               "--tensorboard-dir", str(tmp / "tb")],
+                          "baseline", with_stdout=True)
+    return loss, stdout, tmp / "tb"
+
+
+@pytest.fixture(scope="module")
+def baseline(baseline_run):
+    return baseline_run[0]
+
+
+def test_logs_validation_and_tensorboard(baseline_run):
+    _, stdout, tb = baseline_run
+    assert stdout.count("validation loss at iteration") == 2
+    assert "core attention: sdpa" in stdout
+    assert any(p.name.startswith("events.out.tfevents") for p in tb.iterdir())
 
 
 def _close(a, b, rtol):
