@@ -113,3 +113,38 @@ def test_bad_flags_exit_with_one_line(tmp_path):
         err = [l for l in proc.stderr.splitlines() if l.startswith("pretrain_gpt.py: error:")]
         assert err and flag in err[0], proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_saves_checkpoint_and_resumes(tmp_path, data_cache):
+    """torchrun forwards SIGTERM to the ranks; they agree on a step, save and exit."""
+    import os
+    import signal
+    import time
+
+    from launch import SCRIPT, free_port
+
+    ckpt = tmp_path / "ckpt"
+    out = tmp_path / "killed.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), str(SCRIPT), *TINY, "--train-iters", "100000",
+           "--data-cache-path", str(data_cache), "--log-json", str(out), "--save", str(ckpt)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if out.exists() and len(out.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert "saved checkpoint at iteration" in stdout, stdout[-3000:]
+    saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert saved >= 2
+    assert max(losses(out)) == saved
+    # The checkpoint resumes (same dataset size, so the same sample order).
+    run_pretrain(2, [*TINY, "--train-iters", "100000", "--data-cache-path", str(data_cache),
+                     "--log-json", str(out), "--load", str(ckpt),
+                     "--exit-interval", str(saved + 1)], tmp_path)
+    assert max(losses(out)) == saved + 1

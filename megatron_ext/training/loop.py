@@ -47,6 +47,14 @@ class _StopRequest:
     def _handler(self, signum, frame):
         self.requested = True
 
+    def agreed(self, device: str) -> bool:
+        """True on every rank if any rank got a signal: all ranks must stop (and save) at the
+        same step, or the checkpoint's collectives would deadlock."""
+        flag = torch.tensor([int(self.requested)], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.requested = bool(flag.item())
+        return self.requested
+
 
 def _feature_configs(args: argparse.Namespace) -> Dict[str, Any]:
     """Each feature's dataclass config; their __post_init__ checks raise ValueError."""
@@ -223,9 +231,10 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
                 print(f" validation loss at iteration {iteration}: {val:.6E} | "
                       f"ppl: {math.exp(min(val, 50)):.3f}", flush=True)
                 metrics.scalars(iteration, {"valid_lm_loss": val})
+        stop_now = stop.agreed(device)
         save_now = args.save and (
             (args.save_interval and iteration % args.save_interval == 0)
-            or iteration == args.train_iters or stop.requested
+            or iteration == args.train_iters or stop_now
             or (args.train_samples is not None and data.consumed_samples >= args.train_samples)
             or (args.exit_interval and iteration % args.exit_interval == 0))
         if save_now:
@@ -234,7 +243,7 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
             path = checkpointing.save_checkpoint(args.save, iteration, gpt, optimizer, state,
                                                  save_optim=not args.no_save_optim)
             print_rank_0(f"> saved checkpoint at iteration {iteration} to {path}")
-        if stop.requested:
+        if stop_now:
             print_rank_0(f"> stop requested: exiting after iteration {iteration}")
             break
         if args.train_samples is not None and data.consumed_samples >= args.train_samples:
