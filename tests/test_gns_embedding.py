@@ -33,3 +33,11 @@ def test_untied_embedding_pp2(tmp_path):
     r = run_worker(tmp_path, 2, "--pp", "2", "--include-embedding")
     assert_close(r["per_sample_gns"], r["per_sample_brute"])
     assert_close(r["batch_gns"], r["batch_brute"])
+
+
+def test_tied_embedding_tp2_without_sequence_parallel(tied_tp1, tmp_path):
+    # TP without SP: dgrad all-reduce path; norm/row-bias params duplicated on TP ranks
+    r = run_worker(tmp_path, 2, "--tp", "2", "--no-sp", "--include-embedding", "--tie")
+    assert_close(r["per_sample_gns"], r["per_sample_brute"])
+    assert_close(r["per_sample_gns"], tied_tp1["per_sample_brute"])
+    assert_close(r["batch_gns"], tied_tp1["batch_brute"])

@@ -24,12 +24,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(tmp_path, nproc, *args):
+def run_worker(tmp_path, nproc, *args, triton_interpret=False):
+    """Run the worker; the CPU path is the PyTorch reference unless `triton_interpret`."""
     out = tmp_path / f"gns_{nproc}_{'_'.join(a.strip('-') for a in args) or 'default'}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(_free_port()), WORKER, "--out", str(out), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)  # the PyTorch reference path is the CPU path
+    if triton_interpret:  # the Triton kernels themselves, in Triton's CPU interpreter
+        env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     with open(out) as f:

@@ -33,7 +33,6 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from megatron.core.tensor_parallel.layers import (
     ColumnParallelLinear,
@@ -47,7 +46,8 @@ from megatron.core.utils import get_tensor_model_parallel_group_if_none
 from megatron_ext.kernels import wgrad_sample_norms
 from megatron_ext.model.norms import SPNorm
 
-Sink = Callable[[torch.Tensor], None]
+from .norm_grads import per_sample_norm_grads
+
 
 
 def _tracker_mb(module) -> Optional[int]:
@@ -79,7 +79,7 @@ class _LinearWithSampleNormsTP(torch.autograd.Function):
         ctx.sequence_parallel = sequence_parallel
         ctx.tp_group = tp_group
         ctx.sink = sink
-        total_input = _gather_sp(input, tp_group) if sequence_parallel else input  # [s, b, h]
+        total_input = _gather_sp(input, tp_group)[0] if sequence_parallel else input  # [s, b, h]
         output = torch.matmul(total_input, weight.t())
         if bias is not None:
             output = output + bias
@@ -89,8 +89,13 @@ class _LinearWithSampleNormsTP(torch.autograd.Function):
     def backward(ctx, grad_output):  # [s, b, d_out]
         input, weight = ctx.saved_tensors
         tp_group = ctx.tp_group
-        total_input = _gather_sp(input, tp_group) if ctx.sequence_parallel else input
+        gather = None
+        total_input = input
+        if ctx.sequence_parallel:  # re-gather the input while dgrad runs (like Megatron)
+            total_input, gather = _gather_sp(input, tp_group, async_op=True)
         grad_input = grad_output.matmul(weight)  # [s, b, d_in]
+        if gather is not None:
+            gather.wait()
         handle = None
         if ctx.allreduce_dgrad:
             handle = torch.distributed.all_reduce(grad_input, group=tp_group, async_op=True)
@@ -126,13 +131,16 @@ class _LinearWithSampleNormsTP(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-def _gather_sp(input: torch.Tensor, tp_group) -> torch.Tensor:
-    """All-gather the sequence-parallel [s/t, b, h] input into Megatron's shared buffer."""
+def _gather_sp(input: torch.Tensor, tp_group, async_op: bool = False):
+    """All-gather the sequence-parallel [s/t, b, h] input into Megatron's shared buffer.
+
+    Returns (buffer [s, b, h], work handle or None).
+    """
     size = list(input.size())
     size[0] *= tp_group.size()
     buf = get_global_memory_buffer().get_tensor(size, input.dtype, "mpu")
-    dist_all_gather_func(buf, input.contiguous(), group=tp_group)
-    return buf
+    handle = dist_all_gather_func(buf, input.contiguous(), group=tp_group, async_op=async_op)
+    return buf, handle
 
 
 class _BiasSampleNorms(torch.autograd.Function):
@@ -218,38 +226,48 @@ class GNSRowParallelLinear(RowParallelLinear):
 
 # ----------------------------------------------------------------------------- norm
 class _NormWithSampleNorms(torch.autograd.Function):
-    """LayerNorm/RMSNorm (fp32 math) whose backward reports per-sample γ/β grads.
+    """LayerNorm/RMSNorm (fp32 math, like `SPNorm`) whose backward reports per-sample γ/β grads.
 
-    Saves only the input; x̂ is recomputed in backward (memory-bound, cheap) so no fp32
-    [s, b, h] copy is kept per norm.
+    Saves the input in its own dtype plus the per-token mean/rstd (no fp32 [s, b, h] copy);
+    backward gets dγ_i, dβ_i from one fused pass (`norm_grads.per_sample_norm_grads`) and
+    dx from ATen's layer-norm backward (RMSNorm: the closed form), so γ/β grads are the
+    per-sample sums, never computed twice.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, norm, report):
-        ctx.save_for_backward(x, weight)
         ctx.norm, ctx.report, ctx.has_bias = norm, report, bias is not None
+        h = x.shape[-1]
         with torch.no_grad():
-            out = norm._affine(norm._xhat(x.float()), weight, bias)
+            x32 = x.float()  # [s, b, h]
+            gamma = norm._gamma32(weight)
+            if norm.normalization == "LayerNorm":
+                out, mean, rstd = torch.native_layer_norm(
+                    x32, [h], gamma, bias.float() if bias is not None else None, norm.eps)
+            else:
+                mean = None
+                rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps)  # [s, b, 1]
+                out = x32 * rstd * gamma
+        ctx.save_for_backward(x, weight, mean, rstd)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):  # [s, b, h]
-        x, weight = ctx.saved_tensors
+        x, weight, mean, rstd = ctx.saved_tensors
         norm = ctx.norm
-        with torch.enable_grad():
-            x32 = x.detach().float().requires_grad_(True)
-            xhat = norm._xhat(x32)  # [s, b, h] fp32
-        dy32 = dy.float()
-        gamma = weight.float() + 1 if norm.zero_centered_gamma else weight.float()
-        (dx,) = torch.autograd.grad(xhat, x32, dy32 * gamma)
-        dgamma_i = (dy32 * xhat.detach()).sum(0)  # [b, h]; d(1+w) = dw for zero-centred γ
-        vecs = [dgamma_i]
-        grad_bias = None
-        if ctx.has_bias:
-            dbeta_i = dy32.sum(0)  # [b, h]
-            vecs.append(dbeta_i)
-            grad_bias = dbeta_i.sum(0).to(weight.dtype)
-        ctx.report(torch.cat(vecs, dim=-1))  # [b, h or 2h]
+        dgamma_i, dbeta_i = per_sample_norm_grads(dy, x, mean, rstd, ctx.has_bias)  # [b, h]
+        gamma = norm._gamma32(weight)
+        x32, dy32 = x.float(), dy.float()
+        if norm.normalization == "LayerNorm":
+            dx = torch.ops.aten.native_layer_norm_backward(
+                dy32, x32, [x.shape[-1]], mean, rstd, gamma, None, [True, False, False])[0]
+        else:
+            xhat = x32 * rstd
+            dxhat = dy32 * gamma
+            dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+        vecs = [dgamma_i] if dbeta_i is None else [dgamma_i, dbeta_i]
+        ctx.report(torch.cat(vecs, dim=-1))  # [b, h or 2h]; d(1+w) = dw for zero-centred γ
+        grad_bias = dbeta_i.sum(0).to(weight.dtype) if dbeta_i is not None else None
         return dx.to(x.dtype), dgamma_i.sum(0).to(weight.dtype), grad_bias, None, None
 
 
@@ -258,15 +276,8 @@ class GNSNorm(SPNorm):
 
     gns_tracker = None  # set by GNSTracker
 
-    def _xhat(self, x32: torch.Tensor) -> torch.Tensor:
-        if self.normalization == "LayerNorm":
-            return F.layer_norm(x32, (x32.shape[-1],), None, None, self.eps)
-        return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-
-    def _affine(self, xhat: torch.Tensor, weight, bias) -> torch.Tensor:
-        gamma = weight.float() + 1 if self.zero_centered_gamma else weight.float()
-        out = xhat * gamma
-        return out + bias.float() if bias is not None else out
+    def _gamma32(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.float() + 1 if self.zero_centered_gamma else weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mb = _tracker_mb(self) if self.weight.requires_grad else None

@@ -48,6 +48,7 @@ from megatron.core import parallel_state as ps
 
 from .config import GNSConfig
 from .estimator import GNSEstimator, GNSMeasurement
+from .grad_norms import distributed_optimizer_shards, local_grad_sq_norm
 from .layers import GNSColumnParallelLinear, GNSNorm, GNSRowParallelLinear
 
 GNS_LAYER_TYPES = (GNSColumnParallelLinear, GNSRowParallelLinear, GNSNorm)
@@ -65,12 +66,16 @@ class GNSTracker:
     Args:
         config: the GNSConfig (estimator kind, EMA decay, include-embedding flag).
         model_chunks: the (DDP-wrapped) model chunks of this rank, as given to the schedule.
+        seq_length: only shown by describe().
+        per_token_loss: the loss normalisation (see "Scale" above); None = read
+            calculate_per_token_loss from the model's TransformerConfig.
         flush_elements: pending sequence-parallel vectors are all-reduced over TP once
             their element count reaches this (bounds memory; identical on all TP ranks).
     """
 
     def __init__(self, config: GNSConfig, model_chunks: Sequence[torch.nn.Module], *,
-                 seq_length: Optional[int] = None, flush_elements: int = 1 << 24):
+                 seq_length: Optional[int] = None, per_token_loss: Optional[bool] = None,
+                 flush_elements: int = 1 << 24):
         self.config = config
         self.seq_length = seq_length  # only for describe()
         self.estimator = GNSEstimator(config.gns_ema_decay, config.gns_estimator)
@@ -94,8 +99,10 @@ class GNSTracker:
                 convert_embedding_layers(_unwrap(c), pp)
         from .embedding import GNSVocabParallelEmbedding
 
+        # MoE expert linears run megatron's own path (no per-sample norms): not tracked
         self.modules = [m for c in self.model_chunks for m in _unwrap(c).modules()
-                        if isinstance(m, GNS_LAYER_TYPES + (GNSVocabParallelEmbedding,))]
+                        if isinstance(m, GNS_LAYER_TYPES + (GNSVocabParallelEmbedding,))
+                        and not getattr(m, "is_expert", False)]
         if not self.modules:
             raise ValueError("the model has no GNS layers: build it with "
                              "get_gpt_layer_spec(**gns_layer_spec_kwargs())")
@@ -107,12 +114,13 @@ class GNSTracker:
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
                     self.params.append(p)
-        # Megatron's two loss normalisations (see the module docstring, "Scale").
-        self.per_token_loss = any(
+        # Megatron's two loss normalisations (see the module docstring, "Scale"); by default
+        # the one the schedule itself uses (TransformerConfig.calculate_per_token_loss).
+        self.per_token_loss = bool(per_token_loss) if per_token_loss is not None else any(
             getattr(getattr(_unwrap(c), "config", None), "calculate_per_token_loss", False)
             for c in self.model_chunks)
         self._num_tokens: Optional[int] = None
-        self._shard_ranges = self._distributed_optimizer_shards()
+        self._shard_ranges = distributed_optimizer_shards(self.model_chunks)
         if config.gns_estimator == "data-parallel":
             for c in self.model_chunks:
                 if getattr(getattr(c, "ddp_config", None), "overlap_grad_reduce", False):
@@ -124,33 +132,6 @@ class GNSTracker:
         self.last_per_sample_sq_norms: Optional[List[float]] = None
         self.last_batch_sq_norm: Optional[float] = None
         self.last_small_sq_norms: Optional[List[float]] = None  # data-parallel estimator
-
-    def _distributed_optimizer_shards(self) -> Optional[dict]:
-        """param -> (lo, hi): the slice of its flat main_grad this DP rank holds reduced.
-
-        With Megatron's distributed optimizer, finalize reduce-scatters each bucket, so the
-        reduced grad of a param is spread over DP ranks; |G_B|^2 is then the sum over DP
-        ranks of their shards. None when no chunk uses the distributed optimizer.
-        """
-        ranges = None
-        for c in self.model_chunks:
-            if not getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", False):
-                continue
-            ranges = {} if ranges is None else ranges
-            where = {}  # bucket -> (DP shards, this rank's shard)
-            for group in list(c.bucket_groups) + list(c.expert_parallel_bucket_groups):
-                for bucket in group.buckets:
-                    where[id(bucket)] = (group.intra_distributed_optimizer_instance_size,
-                                         group.intra_distributed_optimizer_instance_rank)
-            for buffer in list(c.buffers) + list(c.expert_parallel_buffers):
-                for p, (start, end, bucket_id) in buffer.param_index_map.items():
-                    bucket = buffer.buckets[bucket_id]
-                    n, r = where[id(bucket)]
-                    shard = bucket.grad_data.numel() // n
-                    start, end = start - bucket.offset, end - bucket.offset  # in the bucket
-                    lo, hi = max(start, r * shard), min(end, (r + 1) * shard)
-                    ranges[p] = (lo - start, max(lo, hi) - start)
-        return ranges
 
     # ---------------------------------------------------------------- step protocol
     def begin_step(self, num_microbatches: int, micro_batch_size: int,
@@ -250,42 +231,10 @@ class GNSTracker:
         return self._tied_rows.pop(mb)
 
     # ---------------------------------------------------------------- batch gradient
-    def _grad(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
-        g = getattr(p, "main_grad", None)
-        return g if g is not None else p.grad
-
     def _local_batch_sq_norm(self, reduce_sp: bool) -> torch.Tensor:
-        """This rank's share of Σ_params ‖grad‖² (TP shards add, duplicates count once).
-
-        reduce_sp: the grads of sequence-parallel params are still TP-partial (before
-        finalize): all-reduce copies of them over TP first. Stays on the device (no sync).
-        """
-        counted, sp = [], []
-        shards = None if reduce_sp else self._shard_ranges
-        for p in self.params:
-            g = self._grad(p)
-            if g is None:
-                continue
-            if shards is not None and p in shards:  # after a reduce-scatter: own slice only
-                lo, hi = shards[p]
-                g = g.reshape(-1)[lo:hi]
-            if getattr(p, "tensor_model_parallel", False):
-                counted.append(g.detach())
-            elif reduce_sp and self.tp_size > 1 and getattr(p, "sequence_parallel", False):
-                sp.append(g.detach().float().reshape(-1))
-            elif self.tp_rank == 0:
-                counted.append(g.detach())
-        if sp:
-            flat = torch.cat(sp)
-            dist.all_reduce(flat, group=self.tp_group)
-            if self.tp_rank == 0:
-                counted.append(flat)
-        total = torch.zeros((), dtype=torch.float64, device=self._device())
-        if counted:  # one fused multi-tensor norm instead of a kernel (and sync) per param
-            norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g
-                                         for g in counted])
-            total += torch.stack(norms).double().square().sum()
-        return total
+        # after finalize (reduce_sp False) a distributed optimizer leaves reduced shards
+        return local_grad_sq_norm(self.params, self.tp_group, reduce_sp,
+                                  None if reduce_sp else self._shard_ranges, self._device())
 
     def _mp_sum(self, t: torch.Tensor, device) -> torch.Tensor:
         t = t.to(device)

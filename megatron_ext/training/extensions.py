@@ -107,7 +107,8 @@ class Extensions:
 
     def before_optimizer_step(self, tokens: int) -> None:
         if self.tracker is not None:
-            self._last_measurement = self.tracker.end_step(tokens + self.current_batch * self.args.seq_length)
+            # The estimator accumulates tokens itself: pass this step's tokens only.
+            self._last_measurement = self.tracker.end_step(self.current_batch * self.args.seq_length)
 
     def after_step(self, iteration: int, tokens: int, step_time: float) -> None:
         if self.controller is None:
@@ -131,6 +132,21 @@ class Extensions:
                         "gns_grad_sq_norm": float(m.grad_sq_norm_ema),
                         "gns_trace_sigma": float(m.trace_sigma_ema)})
         return out
+
+    def gns_report(self, iteration: int) -> Optional[Dict[str, float]]:
+        """Every ``--gns-log-interval`` steps: B_simple, |G|^2, tr(Sigma) (EMAs) and tokens."""
+        m = self._last_measurement
+        if m is None or iteration % self.gns_cfg.gns_log_interval:
+            return None
+        est = self.tracker.estimator
+        return {
+            "gns/b_simple": float(m.b_simple) if m.b_simple is not None else float("nan"),
+            "gns/b_simple_raw": float(m.b_simple_raw) if m.b_simple_raw is not None else float("nan"),
+            "gns/grad_sq_norm": float(m.grad_sq_norm_ema),
+            "gns/trace_sigma": float(m.trace_sigma_ema),
+            "gns/tokens": float(est.tokens_seen),
+            "gns/skipped_samples": float(est.num_skipped_samples),
+        }
 
     def finish(self, is_log_rank: bool) -> None:
         if self.tracker is not None and is_log_rank and self.gns_cfg.gns_plot:

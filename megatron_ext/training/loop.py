@@ -209,6 +209,13 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
         ext.after_step(iteration, data.consumed_tokens, step_time)
         if loss is not None:
             summary["losses"].append(loss)
+        gns = ext.gns_report(iteration)
+        if gns is not None and is_log_rank:
+            print(f" gns iteration {iteration:8d} | tokens: {int(gns['gns/tokens']):12d} | "
+                  f"B_simple: {gns['gns/b_simple']:.2f} | |G|^2: {gns['gns/grad_sq_norm']:.4E} | "
+                  f"tr(Sigma): {gns['gns/trace_sigma']:.4E} | skipped samples: "
+                  f"{int(gns['gns/skipped_samples'])}", flush=True)
+            metrics.scalars(iteration, gns)
         if iteration % args.log_interval == 0:
             now = time.perf_counter()
             elapsed = (now - last_log_time) / args.log_interval
