@@ -67,6 +67,8 @@ def test_loss_goes_down(baseline):
         ("pp2", 2, ["--pipeline-model-parallel-size", "2"]),
         ("dp2", 2, []),
         ("cp2", 2, ["--context-parallel-size", "2"]),
+        ("tp2_sp_pp2", 4, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                           "--pipeline-model-parallel-size", "2"]),
         ("local_attention", 1, ["--attention-backend", "local"]),
     ],
 )

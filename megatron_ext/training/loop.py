@@ -180,11 +180,14 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
     fwd_step = data.forward_step
     summary: Dict[str, Any] = {"losses": []}
     last_log_time = time.perf_counter()
+    current_shape = (args.global_batch_size, args.micro_batch_size)
     while iteration < args.train_iters:
         global_batch = ext.global_batch_size(args.global_batch_size)
         micro = ext.micro_batch_size(args.micro_batch_size)
-        reconfigure_num_microbatches_calculator(
-            torch.distributed.get_rank(), None, global_batch, micro, dp)
+        if (global_batch, micro) != current_shape:  # a re-plan takes effect at this boundary
+            reconfigure_num_microbatches_calculator(
+                torch.distributed.get_rank(), None, global_batch, micro, dp)
+            current_shape = (global_batch, micro)
         micro_batches = data.next_step(global_batch, micro)
         model.zero_grad_buffer()
         optimizer.zero_grad()
