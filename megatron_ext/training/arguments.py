@@ -119,30 +119,15 @@ def add_logging_args(parser: argparse.ArgumentParser) -> None:
 
 
 def feature_arg_adders() -> List[Callable[[argparse.ArgumentParser], None]]:
-    """The ``add_<feature>_args`` of every megatron_ext feature, imported lazily."""
+    """The ``add_<feature>_args`` of every megatron_ext feature."""
+    from megatron_ext.batch_growth.config import add_batch_growth_args
     from megatron_ext.data.builder import add_data_args
+    from megatron_ext.gns.config import add_gns_args
+    from megatron_ext.memory_planner import add_memory_planner_args
     from megatron_ext.model.attention_config import add_attention_args
 
-    adders = [add_data_args, add_attention_args]
-    try:
-        from megatron_ext.gns.config import add_gns_args
-
-        adders.append(add_gns_args)
-    except ImportError:  # feature not built yet
-        pass
-    try:
-        from megatron_ext.memory_planner import add_memory_planner_args
-
-        adders.append(add_memory_planner_args)
-    except ImportError:
-        pass
-    try:
-        from megatron_ext.batch_growth.config import add_batch_growth_args
-
-        adders.append(add_batch_growth_args)
-    except ImportError:
-        pass
-    return adders
+    return [add_data_args, add_attention_args, add_gns_args, add_memory_planner_args,
+            add_batch_growth_args]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,7 +260,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
 
 
 def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None):
-    """Parse and validate; returns ``(args, feature_configs)``."""
+    """Parse and validate the command line (raises :class:`ArgumentError`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     return validate_args(args, world_size)

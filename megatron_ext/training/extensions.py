@@ -54,14 +54,13 @@ class Extensions:
 
     # ------------------------------------------------------------------ set-up
     def wrap_finalize(self, finalize_fn):
-        if self.tracker_factory_needed():
-            from megatron_ext.gns.tracker import wrap_finalize_model_grads
+        """The GNS tracker reads per-rank gradients inside ``finalize_model_grads`` (before
+        the data-parallel reduction); the tracker itself is built later, in :meth:`attach`."""
+        if not self.gns_cfg.gns:
+            return finalize_fn
+        from megatron_ext.gns.tracker import wrap_finalize_model_grads
 
-            return wrap_finalize_model_grads(finalize_fn, lambda: self.tracker)
-        return finalize_fn
-
-    def tracker_factory_needed(self) -> bool:
-        return self.gns_cfg.gns
+        return wrap_finalize_model_grads(finalize_fn, lambda: self.tracker)
 
     def attach(self, gpt_model, ddp_model, optimizer) -> None:
         from megatron.core import parallel_state as ps
@@ -86,12 +85,6 @@ class Extensions:
         return "; ".join(parts)
 
     # ------------------------------------------------------------------ per step
-    def global_batch_size(self, default: int) -> int:
-        return self.current_batch
-
-    def micro_batch_size(self, default: int) -> int:
-        return self.current_micro
-
     def begin_step(self, num_microbatches: int, micro_batch_size: int, global_batch: int) -> None:
         if self.tracker is not None:
             self.tracker.begin_step(num_microbatches, micro_batch_size, global_batch)

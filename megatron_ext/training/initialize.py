@@ -44,7 +44,6 @@ def initialize_megatron(args: argparse.Namespace) -> str:
         )
     from megatron.core import parallel_state as ps
     from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     ps.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,

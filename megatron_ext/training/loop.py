@@ -182,8 +182,7 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
     last_log_time = time.perf_counter()
     current_shape = (args.global_batch_size, args.micro_batch_size)
     while iteration < args.train_iters:
-        global_batch = ext.global_batch_size(args.global_batch_size)
-        micro = ext.micro_batch_size(args.micro_batch_size)
+        global_batch, micro = ext.current_batch, ext.current_micro
         if (global_batch, micro) != current_shape:  # a re-plan takes effect at this boundary
             reconfigure_num_microbatches_calculator(
                 torch.distributed.get_rank(), None, global_batch, micro, dp)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 import zlib
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -194,10 +194,3 @@ def _tp_shard(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) 
     chunks = torch.split(full, per, dim=dim)
     return torch.cat(chunks[rank::world], dim=dim)
 
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def model_chunks(ddp: DistributedDataParallel) -> List[DistributedDataParallel]:
-    return [ddp]
