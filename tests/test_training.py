@@ -150,3 +150,14 @@ def test_sigterm_saves_checkpoint_and_resumes(tmp_path, data_cache):
                      "--log-json", str(out), "--load", str(ckpt),
                      "--exit-interval", str(saved + 1)], tmp_path)
     assert max(losses(out)) == saved + 1
+
+
+def test_resume_under_another_parallel_layout(tmp_path, data_cache, baseline):
+    """Saved with TP=2+SP on 2 ranks, resumed with PP=2: megatron-core reshards the model and
+    the optimizer state, so the loss curve continues like the uninterrupted run."""
+    ckpt = tmp_path / "ckpt"
+    first = _train(tmp_path, data_cache, 2, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                             "--save", str(ckpt), "--exit-interval", "3"], "first")
+    second = _train(tmp_path, data_cache, 2, ["--pipeline-model-parallel-size", "2",
+                                              "--load", str(ckpt)], "second")
+    _close({**first, **second}, baseline, rtol=2e-5)

@@ -9,6 +9,9 @@ Layout of ``--save DIR``::
     DIR/iter_0000040/rank_00003.pt     this rank's RNG states (differ per TP/PP rank)
     DIR/latest_checkpointed_iteration.txt
 
+A checkpoint saved under one TP/PP/DP layout resumes under another (megatron-core reshards
+the model and optimizer); only the dropout RNG streams then restart.
+
 A checkpoint is written to ``iter_N.tmp`` and renamed when every rank has finished, and the
 "latest" file is replaced atomically afterwards, so a crash while saving never leaves a
 half-written checkpoint behind as the one to resume from.
@@ -109,18 +112,21 @@ def load_checkpoint(root: str, model, optimizer, load_optim: bool = True) -> Dic
     ckpt_dir = _iter_dir(root, iteration)
     rank = torch.distributed.get_rank()
     rank_file = os.path.join(ckpt_dir, f"rank_{rank:05d}.pt")
-    if not os.path.exists(rank_file):
-        raise FileNotFoundError(
-            f"--load {root}: {rank_file} is missing: resume with the world size and parallel "
-            f"layout of the saving run"
-        )
     state = _sharded_state(model, optimizer, load_optim, is_loading=True)
     state["loop"] = None
     loaded = dist_checkpointing.load(state, ckpt_dir)
     model.load_state_dict(loaded["model"])
     if load_optim:
         optimizer.load_state_dict(loaded["optimizer"])
-    _set_rng_state(torch.load(rank_file, weights_only=False))
+    saved_layout = (loaded.get("loop") or {}).get("parallel_layout")
+    if os.path.exists(rank_file) and saved_layout in (None, parallel_layout()):
+        _set_rng_state(torch.load(rank_file, weights_only=False))
+    elif rank == 0:
+        # dist_checkpointing reshards model and optimizer across TP/PP/DP layouts; only the
+        # per-rank RNG streams (dropout) cannot be carried over to a different layout.
+        logger.warning("resuming %s with parallel layout %s (saved: %s): weights and optimizer "
+                       "are resharded, dropout RNG streams restart", ckpt_dir,
+                       parallel_layout(), saved_layout)
     loop_state = loaded.get("loop") or dist_checkpointing.load_common_state_dict(ckpt_dir)["loop"]
     logger.info("resumed from %s (iteration %d)", ckpt_dir, iteration)
     return loop_state

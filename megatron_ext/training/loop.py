@@ -248,7 +248,8 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
             or (args.exit_interval and iteration % args.exit_interval == 0))
         if save_now:
             state = {"iteration": iteration, "data": data.state_dict(),
-                     "extensions": ext.state_dict()}
+                     "extensions": ext.state_dict(),
+                     "parallel_layout": checkpointing.parallel_layout()}
             path = checkpointing.save_checkpoint(args.save, iteration, gpt, optimizer, state,
                                                  save_optim=not args.no_save_optim)
             print_rank_0(f"> saved checkpoint at iteration {iteration} to {path}")
