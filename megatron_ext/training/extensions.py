@@ -114,8 +114,12 @@ class Extensions:
                 self.current_micro = int(plan.micro_batch_size)
             if torch.distributed.get_rank() == 0:
                 d = self.controller.last_decision
-                print(f"> batch growth at iteration {iteration}: global batch -> {self.current_batch}"
-                      f" (micro {self.current_micro}); {d.reason if d else ''}", flush=True)
+                plan_desc = (f"micro {plan.micro_batch_size} x {plan.num_microbatches} "
+                             f"accumulation x DP {plan.dp_size}, {plan.reduction} gradient "
+                             f"reduction, predicted {plan.predicted_step_time_s * 1e3:.2f} ms/step"
+                             if plan is not None else f"micro {self.current_micro}")
+                print(f"> batch growth at iteration {iteration}: global batch -> "
+                      f"{self.current_batch} ({plan_desc}); {d.reason if d else ''}", flush=True)
 
     def metrics(self) -> Dict[str, float]:
         out: Dict[str, float] = {}
