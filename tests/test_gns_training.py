@@ -52,3 +52,15 @@ def test_gns_batch_growth_resumes_exactly(tmp_path):
             assert resumed[i][key] == full[i][key], (i, key)
         for key in ("lm_loss", "b_simple"):
             assert resumed[i][key] == pytest.approx(full[i][key], rel=1e-5), (i, key)
+
+
+def test_data_parallel_estimator_runs_in_training(tmp_path):
+    """McCandlish's two-batch estimator from per-rank vs global gradient norms (DP=2)."""
+    out = tmp_path / "dp.jsonl"
+    run_pretrain(2, [*TINY, "--global-batch-size", "8", "--train-iters", "6", "--gns",
+                     "--gns-estimator", "data-parallel", "--data-cache-path", str(tmp_path / "dc"),
+                     "--log-json", str(out)], tmp_path)
+    rows = [m for m in read_metrics(out) if "lm_loss" in m]
+    assert len(rows) == 6
+    assert all(math.isfinite(m["gns_grad_sq_norm"]) for m in rows)
+    assert any(math.isfinite(m["b_simple"]) and m["b_simple"] > 0 for m in rows)
