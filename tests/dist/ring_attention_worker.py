@@ -21,7 +21,6 @@ from megatron_ext import cpu_backend
 cpu_backend.enable_cpu_backend(force=True)  # CPU + gloo even on a GPU machine
 
 from megatron.core import parallel_state  # noqa: E402
-from megatron.core.models.common.embeddings import rope_utils  # noqa: E402
 from megatron.core.models.common.embeddings.rotary_pos_embedding import (  # noqa: E402
     RotaryEmbedding,
 )
@@ -38,11 +37,6 @@ from megatron_ext.model.ring_attention import (  # noqa: E402
     ring_attention,
     split_batch_for_context_parallel,
 )
-
-if rope_utils.torch is torch:
-    # get_pos_emb_on_this_cp_rank builds a pinned CPU tensor; the CPU backend does not patch
-    # rope_utils (yet), so do it here.
-    rope_utils.torch = cpu_backend._TorchOnCPU()
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 
