@@ -75,6 +75,9 @@ def _feature_configs(args: argparse.Namespace) -> Dict[str, Any]:
     if (args.bf16 or args.fp16) and not torch.cuda.is_available():
         raise ArgumentError("--bf16/--fp16 need a CUDA GPU (megatron-core's mixed-precision "
                             "optimizer is CUDA-only): drop the flag to train in fp32 on CPU")
+    if args.use_distributed_optimizer and not torch.cuda.is_available():
+        raise ArgumentError("--use-distributed-optimizer needs CUDA (megatron-core's "
+                            "DistributedOptimizer wraps CUDA tensors only): drop it on CPU")
     if args.context_parallel_size > 1 and args.seq_length % (2 * args.context_parallel_size):
         raise ArgumentError(f"--seq-length {args.seq_length} must be divisible by 2 x "
                             f"--context-parallel-size for the load-balanced causal split")
