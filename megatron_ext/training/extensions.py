@@ -98,7 +98,8 @@ class Extensions:
     def learning_rate(self, tokens: int, global_batch: int) -> float:
         return self.schedule.lr(tokens) * self.lr_scaler.factor(global_batch, self.b_simple())
 
-    def before_optimizer_step(self, tokens: int) -> None:
+    def before_optimizer_step(self) -> None:
+        """Measure the gradient noise scale before the optimizer clips the gradients."""
         if self.tracker is not None:
             # The estimator accumulates tokens itself: pass this step's tokens only.
             self._last_measurement = self.tracker.end_step(self.current_batch * self.args.seq_length)

@@ -203,7 +203,7 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
             num_microbatches=len(micro_batches), seq_length=data.local_seq_length,
             micro_batch_size=micro, forward_only=False,
         )
-        ext.before_optimizer_step(data.consumed_tokens)
+        ext.before_optimizer_step()
         update_ok, grad_norm, _ = optimizer.step()
         if device == "cuda":
             torch.cuda.synchronize()
