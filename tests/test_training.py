@@ -108,6 +108,7 @@ def test_bad_flags_exit_with_one_line(tmp_path):
         (["--sequence-parallel"], "--sequence-parallel"),
         (["--num-attention-heads", "3", "--tensor-model-parallel-size", "2"], "--num-attention-heads"),
         (["--data-path", str(tmp_path / "missing")], "--data-path"),
+        (["--gns", "--gns-estimator", "data-parallel"], "--gns-estimator"),
     ]
     if not torch.cuda.is_available():
         cases += [(["--use-distributed-optimizer"], "--use-distributed-optimizer"),

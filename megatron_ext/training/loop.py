@@ -72,6 +72,26 @@ def _feature_configs(args: argparse.Namespace) -> Dict[str, Any]:
         "growth": BatchGrowthConfig.from_args(args),
     }
     cfgs["growth"].validate_against(gns_enabled=cfgs["gns"].gns)
+    gns = cfgs["gns"]
+    if gns.gns:
+        if gns.gns_estimator == "data-parallel" and args.data_parallel_size < 2:
+            raise ArgumentError("--gns-estimator data-parallel compares per-rank and global "
+                                "gradients: it needs data-parallel size >= 2 (more processes, or "
+                                "--gns-estimator per-sample)")
+        if gns.gns_estimator == "data-parallel" and args.overlap_grad_reduce:
+            raise ArgumentError("--gns-estimator data-parallel reads gradients before the DP "
+                                "reduction: drop --overlap-grad-reduce")
+        if gns.gns_estimator == "per-sample" and args.global_batch_size < 2:
+            raise ArgumentError("--gns needs --global-batch-size >= 2 (per-sample estimator)")
+        if args.context_parallel_size > 1:
+            raise ArgumentError("--gns does not support --context-parallel-size > 1 yet")
+        if gns.gns_include_embedding and args.pipeline_model_parallel_size > 1 \
+                and not args.untie_embeddings_and_output_weights:
+            raise ArgumentError("--gns-include-embedding with tied embeddings needs PP=1: add "
+                                "--untie-embeddings-and-output-weights")
+        if gns.gns_include_embedding and args.position_embedding_type == "learned_absolute":
+            raise ArgumentError("--gns-include-embedding supports --position-embedding-type "
+                                "rope only")
     if (args.bf16 or args.fp16) and not torch.cuda.is_available():
         raise ArgumentError("--bf16/--fp16 need a CUDA GPU (megatron-core's mixed-precision "
                             "optimizer is CUDA-only): drop the flag to train in fp32 on CPU")
