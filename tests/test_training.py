@@ -112,7 +112,8 @@ def test_bad_flags_exit_with_one_line(tmp_path):
     ]
     if not torch.cuda.is_available():
         cases += [(["--use-distributed-optimizer"], "--use-distributed-optimizer"),
-                  (["--bf16"], "--bf16")]
+                  (["--bf16"], "--bf16"),
+                  (["--attention-backend", "flash"], "--attention-backend")]
     for extra, flag in cases:
         proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, *extra], cwd=tmp_path,
                               capture_output=True, text=True, timeout=120)

@@ -95,6 +95,12 @@ def _feature_configs(args: argparse.Namespace) -> Dict[str, Any]:
     if (args.bf16 or args.fp16) and not torch.cuda.is_available():
         raise ArgumentError("--bf16/--fp16 need a CUDA GPU (megatron-core's mixed-precision "
                             "optimizer is CUDA-only): drop the flag to train in fp32 on CPU")
+    if args.attention_backend == "flash":
+        from megatron_ext.model.attention import flash_attn_available
+
+        if not (flash_attn_available() and torch.cuda.is_available()):
+            raise ArgumentError("--attention-backend flash needs CUDA and `pip install "
+                                "flash-attn`; use --attention-backend sdpa (or auto)")
     if args.use_distributed_optimizer and not torch.cuda.is_available():
         raise ArgumentError("--use-distributed-optimizer needs CUDA (megatron-core's "
                             "DistributedOptimizer wraps CUDA tensors only): drop it on CPU")
