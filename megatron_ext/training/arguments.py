@@ -196,6 +196,12 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
              f"--tensor-model-parallel-size {tp}")
     need(not args.sequence_parallel or tp > 1,
          "--sequence-parallel needs --tensor-model-parallel-size > 1: drop the flag or raise TP")
+    if args.sequence_parallel:
+        need((args.seq_length // cp) % tp == 0,
+             f"--sequence-parallel splits the sequence over TP: --seq-length {args.seq_length} "
+             f"(/ --context-parallel-size {cp}) must be divisible by TP {tp}")
+    ffn = args.ffn_hidden_size or 4 * args.hidden_size
+    need(ffn % tp == 0, f"--ffn-hidden-size {ffn} must be divisible by TP {tp}")
     need(args.num_layers % pp == 0,
          f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
     need(not (args.bf16 and args.fp16), "--bf16 and --fp16 are exclusive: pick one")
