@@ -118,7 +118,8 @@ def load_checkpoint(root: str, model, optimizer, load_optim: bool = True) -> Dic
     model.load_state_dict(loaded["model"])
     if load_optim:
         optimizer.load_state_dict(loaded["optimizer"])
-    saved_layout = (loaded.get("loop") or {}).get("parallel_layout")
+    loop_state = loaded.get("loop") or dist_checkpointing.load_common_state_dict(ckpt_dir)["loop"]
+    saved_layout = loop_state.get("parallel_layout")
     if os.path.exists(rank_file) and saved_layout in (None, parallel_layout()):
         _set_rng_state(torch.load(rank_file, weights_only=False))
     elif rank == 0:
@@ -127,7 +128,6 @@ def load_checkpoint(root: str, model, optimizer, load_optim: bool = True) -> Dic
         logger.warning("resuming %s with parallel layout %s (saved: %s): weights and optimizer "
                        "are resharded, dropout RNG streams restart", ckpt_dir,
                        parallel_layout(), saved_layout)
-    loop_state = loaded.get("loop") or dist_checkpointing.load_common_state_dict(ckpt_dir)["loop"]
     logger.info("resumed from %s (iteration %d)", ckpt_dir, iteration)
     return loop_state
 

@@ -29,6 +29,12 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+def _global_mean(total: torch.Tensor) -> float:
+    """Per-token mean from this rank's ``[loss sum, token count]``, summed over DP x CP."""
+    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return float(total[0] / total[1].clamp(min=1))
+
+
 class TrainData:
     """Datasets, the global-batch sampler and the per-micro-batch forward step."""
 
@@ -87,10 +93,7 @@ class TrainData:
         """Mean per-token loss of the global batch on the last stage; None elsewhere."""
         if not ps.is_pipeline_last_stage():
             return None
-        total = torch.stack([x["lm loss"] for x in losses]).sum(0)  # [sum, count]
-        torch.distributed.all_reduce(
-            total, group=ps.get_data_parallel_group(with_context_parallel=True))
-        return float(total[0] / total[1].clamp(min=1))
+        return _global_mean(torch.stack([x["lm loss"] for x in losses]).sum(0))
 
     @torch.no_grad()
     def evaluate(self, forward_backward, model, eval_iters: int) -> Optional[float]:
@@ -110,12 +113,7 @@ class TrainData:
             if ps.is_pipeline_last_stage():
                 totals.append(torch.stack([x["lm loss"] for x in out]).sum(0))
         model.train()
-        if not totals:
-            return None
-        total = torch.stack(totals).sum(0)
-        torch.distributed.all_reduce(
-            total, group=ps.get_data_parallel_group(with_context_parallel=True))
-        return float(total[0] / total[1].clamp(min=1))
+        return _global_mean(torch.stack(totals).sum(0)) if totals else None
 
     def state_dict(self) -> Dict[str, Any]:
         return {"sampler": self.sampler.state_dict(), "consumed_samples": self.consumed_samples}

@@ -27,9 +27,14 @@ from megatron_ext.batch_growth.lr_scaling import LRScaler, TokenLRSchedule
 logger = logging.getLogger(__name__)
 
 
+def _float(value: Optional[float]) -> float:
+    return float("nan") if value is None else float(value)
+
+
 class Extensions:
     def __init__(self, args: argparse.Namespace, cfgs: Dict[str, Any], vocab_size: int):
         self.args = args
+        self.vocab_size = vocab_size
         self.gns_cfg = cfgs["gns"]
         self.growth_cfg = cfgs["growth"]
         self.schedule = TokenLRSchedule(
@@ -62,7 +67,7 @@ class Extensions:
 
         return wrap_finalize_model_grads(finalize_fn, lambda: self.tracker)
 
-    def attach(self, gpt_model, ddp_model, optimizer) -> None:
+    def attach(self, ddp_model) -> None:
         from megatron.core import parallel_state as ps
 
         if self.gns_cfg.gns:
@@ -73,7 +78,7 @@ class Extensions:
             from megatron_ext.training.growth import build_controller
 
             self.controller = build_controller(self.args, self.growth_cfg,
-                                               ps.get_data_parallel_world_size())
+                                               ps.get_data_parallel_world_size(), self.vocab_size)
 
     def describe(self) -> str:
         parts = [f"lr schedule: {self.schedule.style} over tokens"]
@@ -126,7 +131,7 @@ class Extensions:
         out: Dict[str, float] = {}
         m = self._last_measurement
         if m is not None:
-            out.update({"b_simple": float(m.b_simple) if m.b_simple is not None else float("nan"),
+            out.update({"b_simple": _float(m.b_simple),
                         "gns_grad_sq_norm": float(m.grad_sq_norm_ema),
                         "gns_trace_sigma": float(m.trace_sigma_ema)})
         return out
@@ -138,8 +143,8 @@ class Extensions:
             return None
         est = self.tracker.estimator
         return {
-            "gns/b_simple": float(m.b_simple) if m.b_simple is not None else float("nan"),
-            "gns/b_simple_raw": float(m.b_simple_raw) if m.b_simple_raw is not None else float("nan"),
+            "gns/b_simple": _float(m.b_simple),
+            "gns/b_simple_raw": _float(m.b_simple_raw),
             "gns/grad_sq_norm": float(m.grad_sq_norm_ema),
             "gns/trace_sigma": float(m.trace_sigma_ema),
             "gns/tokens": float(est.tokens_seen),

@@ -14,7 +14,7 @@ from megatron_ext.batch_growth.planner import BatchPlanner, gpt_flops_per_sample
 from megatron_ext.batch_growth.topology import detect, parse_topology
 
 
-def _max_micro_batch(args: argparse.Namespace) -> int:
+def _max_micro_batch(args: argparse.Namespace, vocab_size: int) -> int:
     """On a GPU, the memory planner's largest micro-batch for this device (never below the
     requested one); on CPU, the requested micro-batch."""
     if not torch.cuda.is_available():
@@ -22,14 +22,13 @@ def _max_micro_batch(args: argparse.Namespace) -> int:
     from megatron_ext.memory_planner import max_micro_batch_size
     from megatron_ext.training.memory_report import model_shape_and_layout
 
-    model, layout = model_shape_and_layout(args)
+    model, layout = model_shape_and_layout(args, vocab_size)
     budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     return max(args.micro_batch_size, max_micro_batch_size(model, layout, budget))
 
 
-def build_controller(args: argparse.Namespace, cfg, dp_size: int) -> BatchController:
+def build_controller(args: argparse.Namespace, cfg, dp_size: int, vocab: int) -> BatchController:
     topology = detect() if cfg.topology == "auto" else parse_topology(cfg.topology)
-    vocab = 257
     planner = BatchPlanner(
         gpt_flops_per_sample(args.num_layers, args.hidden_size, args.seq_length, vocab,
                              ffn=args.ffn_hidden_size),
@@ -37,7 +36,7 @@ def build_controller(args: argparse.Namespace, cfg, dp_size: int) -> BatchContro
                         ffn=args.ffn_hidden_size),
         topology, dp_size=dp_size, tp_size=args.tensor_model_parallel_size,
         pp_size=args.pipeline_model_parallel_size,
-        max_micro_batch_size=_max_micro_batch(args), seq_length=args.seq_length,
+        max_micro_batch_size=_max_micro_batch(args, vocab), seq_length=args.seq_length,
         mfu_assumed=cfg.mfu_assumed,
     )
     return BatchController(cfg, args.global_batch_size, planner)

@@ -144,8 +144,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
-    """Run training; returns a summary dict (final loss etc.) on every rank."""
+def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> int:
+    """Run training; returns the last completed iteration."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.num_microbatches_calculator import reconfigure_num_microbatches_calculator
@@ -180,9 +180,9 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
         ),
         [model],
     )
-    ext.attach(gpt, model, optimizer)
+    ext.attach(model)
 
-    iteration, loop_state = 0, None
+    iteration = 0
     if args.load:
         loop_state = checkpointing.load_checkpoint(args.load, gpt, optimizer,
                                                    load_optim=not args.no_load_optim)
@@ -206,8 +206,6 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
     print_rank_0(f"> data: {data.description}")
 
     forward_backward = get_forward_backward_func()
-    fwd_step = data.forward_step
-    summary: Dict[str, Any] = {"losses": []}
     last_log_time = time.perf_counter()
     current_shape = (args.global_batch_size, args.micro_batch_size)
     while iteration < args.train_iters:
@@ -225,7 +223,7 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         t0 = time.perf_counter()
         losses = forward_backward(
-            forward_step_func=fwd_step, data_iterator=iter(micro_batches), model=[model],
+            forward_step_func=data.forward_step, data_iterator=iter(micro_batches), model=[model],
             num_microbatches=len(micro_batches), seq_length=data.local_seq_length,
             micro_batch_size=micro, forward_only=False,
         )
@@ -238,8 +236,6 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
         data.advance(global_batch)
         loss = data.reduce_loss(losses)
         ext.after_step(iteration, data.consumed_tokens, step_time)
-        if loss is not None:
-            summary["losses"].append(loss)
         gns = ext.gns_report(iteration)
         if gns is not None and is_log_rank:
             print(f" gns iteration {iteration:8d} | tokens: {int(gns['gns/tokens']):12d} | "
@@ -270,11 +266,11 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
                       f"ppl: {math.exp(min(val, 50)):.3f}", flush=True)
                 metrics.scalars(iteration, {"valid_lm_loss": val})
         stop_now = stop.agreed(device)
+        budget_spent = args.train_samples is not None and data.consumed_samples >= args.train_samples
+        exit_now = bool(args.exit_interval) and iteration % args.exit_interval == 0
         save_now = args.save and (
             (args.save_interval and iteration % args.save_interval == 0)
-            or iteration == args.train_iters or stop_now
-            or (args.train_samples is not None and data.consumed_samples >= args.train_samples)
-            or (args.exit_interval and iteration % args.exit_interval == 0))
+            or iteration == args.train_iters or stop_now or budget_spent or exit_now)
         if save_now:
             state = {"iteration": iteration, "data": data.state_dict(),
                      "extensions": ext.state_dict(),
@@ -285,12 +281,11 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> Dict[str, Any]:
         if stop_now:
             print_rank_0(f"> stop requested: exiting after iteration {iteration}")
             break
-        if args.train_samples is not None and data.consumed_samples >= args.train_samples:
+        if budget_spent:
             break
-        if args.exit_interval and iteration % args.exit_interval == 0:
+        if exit_now:
             print_rank_0(f"> --exit-interval {args.exit_interval}: exiting at iteration {iteration}")
             break
     ext.finish(is_log_rank)
     metrics.close()
-    summary["iteration"] = iteration
-    return summary
+    return iteration

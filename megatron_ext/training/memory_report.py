@@ -12,7 +12,7 @@ from megatron_ext.memory_planner import (
     GIB, ModelShape, ParallelLayout, estimate_memory, longest_sequence, max_micro_batch_size)
 
 
-def model_shape_and_layout(args: argparse.Namespace, vocab_size: int = 257):
+def model_shape_and_layout(args: argparse.Namespace, vocab_size: int):
     model = ModelShape(
         num_layers=args.num_layers, hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads, seq_length=args.seq_length,
@@ -37,7 +37,10 @@ def model_shape_and_layout(args: argparse.Namespace, vocab_size: int = 257):
 def print_memory_plan(args: argparse.Namespace, mem_cfg) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    model, layout = model_shape_and_layout(args)
+    from megatron_ext.data.tokenizer import build_tokenizer
+
+    vocab_size = build_tokenizer(args.tokenizer_type).vocab_size
+    model, layout = model_shape_and_layout(args, vocab_size)
     kw = mem_cfg.estimate_kwargs()
     est = estimate_memory(model, layout, **kw)
     budget = mem_cfg.gpu_memory_bytes
