@@ -186,7 +186,8 @@ def planned_peak_gib(args, seq: int, recompute: str) -> float:
     layout = ParallelLayout(micro_batch_size=args.micro_batch_size,
                             recompute_granularity=None if recompute == "none" else recompute,
                             attention="local" if args.attention_backend == "local" else "flash")
-    est = estimate_memory(model, layout, overhead_bytes=0, fragmentation=1.0)
+    est = estimate_memory(model, layout, overhead_bytes=0, fragmentation=1.0,
+                          block_slack=False)
     return est.total / 2**30
 
 

@@ -10,6 +10,9 @@ which also autotunes the kernel):
     cublas      dyᵀx alone as one [s*b]-deep GEMM (no per-sample norms): the target
     fused       wgrad_sample_norms(x, dy): dW + ‖dW_i‖² for every sample
     fused_mg    the same accumulating into an fp32 main_grad (Megatron grad-acc fusion)
+    triton_dw   the same kernel with the per-sample epilogue compiled out (dW only): splits
+                the gap into Triton-GEMM vs cuBLAS (triton_dw/cublas) and the norms' own
+                cost (fused/triton_dw)
     bmm_norm    naive: per-sample dW_i by bmm, then norms and Σ_i dW_i
     ghost       naive "ghost norm" ‖dW_i‖² = ⟨x_i x_iᵀ, dy_i dy_iᵀ⟩ per sample + cuBLAS dW
 and prints a markdown table (ratio fused / cublas; the goal is ≤ 1.05). On a machine
@@ -82,6 +85,9 @@ def bench_shape(b, s, d_in, d_out, warmup, iters, naive=True, device="cuda"):
     def fused_mg():
         return wgrad_sample_norms(x, dy, main_grad=main_grad)
 
+    def triton_dw():
+        return wgrad_sample_norms(x, dy, compute_norms=False)
+
     def bmm_norm():
         dw_i = torch.bmm(dy.permute(1, 2, 0), x.permute(1, 0, 2))  # [b, d_out, d_in]
         norms = torch.linalg.vector_norm(dw_i, dim=(1, 2), dtype=torch.float32).square()
@@ -98,11 +104,15 @@ def bench_shape(b, s, d_in, d_out, warmup, iters, naive=True, device="cuda"):
     row["cublas_ms"] = _safe_time(cublas, warmup, iters)
     row["fused_ms"] = _safe_time(fused, warmup, iters)
     row["fused_main_grad_ms"] = _safe_time(fused_mg, warmup, iters)
+    row["triton_dw_ms"] = _safe_time(triton_dw, warmup, iters)
     row["bmm_norm_ms"] = _safe_time(bmm_norm, warmup, iters) if naive else None
     row["ghost_ms"] = _safe_time(ghost, warmup, iters) if naive else None
     if row["cublas_ms"] and row["fused_ms"]:
         row["ratio_fused_vs_cublas"] = row["fused_ms"] / row["cublas_ms"]
         row["fused_tflops"] = 2.0 * s * b * d_in * d_out / (row["fused_ms"] * 1e-3) / 1e12
+    if row["triton_dw_ms"] and row["fused_ms"] and row["cublas_ms"]:
+        row["ratio_triton_dw_vs_cublas"] = row["triton_dw_ms"] / row["cublas_ms"]
+        row["ratio_fused_vs_triton_dw"] = row["fused_ms"] / row["triton_dw_ms"]
     # Accuracy spot check against cuBLAS dW and an fp32 per-sample loop over 2 samples.
     res = fused()
     ref = cublas().float()
@@ -112,10 +122,7 @@ def bench_shape(b, s, d_in, d_out, warmup, iters, naive=True, device="cuda"):
         n_i = (dy[:, i].float().t() @ x[:, i].float()).square().sum()
         errs.append(((res.sq_norms_weight[i] - n_i).abs() / n_i).item())
     row["norm_max_rel_err"] = max(errs)
-    del x, dy, main_grad, res, ref
-    if dev == "cuda":
-        torch.cuda.empty_cache()
-    return row
+    return row  # the caller empties the CUDA cache once this shape's tensors are gone
 
 
 def _fmt(v, spec=".3f"):
@@ -125,14 +132,17 @@ def _fmt(v, spec=".3f"):
 def print_table(rows):
     print(
         "| b | s | d_in | d_out | cuBLAS dW ms | fused ms | fused/cuBLAS | fused+main_grad ms "
+        "| Triton dW-only/cuBLAS | fused/Triton dW-only "
         "| bmm+norm ms | ghost ms | fused TFLOP/s | dW rel err | norm rel err |"
     )
-    print("|" + "---|" * 13)
+    print("|" + "---|" * 15)
     for r in rows:
         print(
             f"| {r['b']} | {r['s']} | {r['d_in']} | {r['d_out']} | {_fmt(r['cublas_ms'])} "
             f"| {_fmt(r['fused_ms'])} | {_fmt(r.get('ratio_fused_vs_cublas'))} "
-            f"| {_fmt(r['fused_main_grad_ms'])} | {_fmt(r['bmm_norm_ms'])} | {_fmt(r['ghost_ms'])} "
+            f"| {_fmt(r['fused_main_grad_ms'])} | {_fmt(r.get('ratio_triton_dw_vs_cublas'))} "
+            f"| {_fmt(r.get('ratio_fused_vs_triton_dw'))} "
+            f"| {_fmt(r['bmm_norm_ms'])} | {_fmt(r['ghost_ms'])} "
             f"| {_fmt(r.get('fused_tflops'), '.0f')} | {_fmt(r['dw_max_rel_err'], '.1e')} "
             f"| {_fmt(r['norm_max_rel_err'], '.1e')} |"
         )
@@ -156,6 +166,7 @@ def main(argv=None):
     rows = []
     for b, s, d_in, d_out in _parse_shapes(args.shapes):
         rows.append(bench_shape(b, s, d_in, d_out, args.warmup, args.iters, naive=not args.no_naive))
+        torch.cuda.empty_cache()
         print(f"done b={b} s={s} d_in={d_in} d_out={d_out}", file=sys.stderr)
     print_table(rows)
     if args.out:

@@ -137,6 +137,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
+        NORMS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -205,17 +206,21 @@ if triton is not None:
             if HAS_BIAS:
                 if do_bias:
                     bias_part += tl.sum(a.to(tl.float32), axis=1)
-            if kk == k_tiles - 1:
-                # The tile now holds all tokens of sample i: square it, fold it in.
-                tl.atomic_add(norm_w_ptr + i, tl.sum(tl.sum(part * part, axis=1), axis=0))
-                acc += part
-                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                if HAS_BIAS:
-                    if do_bias:
-                        tl.atomic_add(norm_b_ptr + i, tl.sum(bias_part * bias_part, axis=0))
-                        bias_acc += bias_part
-                        bias_part = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            if NORMS:
+                if kk == k_tiles - 1:
+                    # The tile now holds all tokens of sample i: square it, fold it in.
+                    tl.atomic_add(norm_w_ptr + i, tl.sum(tl.sum(part * part, axis=1), axis=0))
+                    acc += part
+                    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    if HAS_BIAS:
+                        if do_bias:
+                            tl.atomic_add(norm_b_ptr + i, tl.sum(bias_part * bias_part, axis=0))
+                            bias_acc += bias_part
+                            bias_part = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
+        if not NORMS:  # dW only (benchmark baseline): `part` summed every sample
+            acc = part
+            bias_acc = bias_part
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         mask_out = mask_m[:, None] & mask_n[None, :]
         if SPLIT_OUT:  # fp32 out: zeros or main_grad; other splits add their share
@@ -287,6 +292,7 @@ def wgrad_sample_norms(
     main_grad: Optional[torch.Tensor] = None,
     compute_bias: bool = False,
     split_samples: Optional[int] = None,
+    compute_norms: bool = True,
 ) -> WgradSampleNorms:
     """dW = Σ_t dy[t]ᵀ x[t] plus per-sample ‖dW_i‖² (and db, ‖db_i‖²) in one pass.
 
@@ -301,6 +307,9 @@ def wgrad_sample_norms(
         split_samples: spread the samples over this many programs per dW tile (partial
            tiles meet via fp32 atomics; dW then is not bitwise deterministic). None picks
            a split only when the layer has too few tiles to fill the GPU; 1 turns it off.
+        compute_norms: False skips the per-sample epilogue (norms stay zero): the same
+           kernel as a plain dW GEMM, the benchmark's baseline for the norms' own cost
+           (the PyTorch reference path ignores it).
     Returns:
         WgradSampleNorms; `grad_weight` has x's dtype unless main_grad was given.
         The norms are summed over tiles with fp32 atomics (order may vary run to run).
@@ -344,6 +353,7 @@ def wgrad_sample_norms(
         DOT_PRECISION=_dot_precision(x.dtype),
         # Triton 3.9's interpreter multiplies bf16 tiles as raw uint16 (see the kernel).
         UPCAST_DOT=kernel_is_interpreted() and x.dtype == torch.bfloat16,
+        NORMS=compute_norms,
     )
     if main_grad is None and out.dtype != x.dtype:
         out = out.to(x.dtype)

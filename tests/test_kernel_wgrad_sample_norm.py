@@ -171,6 +171,18 @@ def test_sample_split_atomics(split, dtype):
     torch.testing.assert_close(res.sq_norms_weight.double(), nw, rtol=1e-3, atol=0)
 
 
+@needs_interp
+@pytest.mark.parametrize("split", [1, 2])
+def test_dw_only_mode_skips_norms(split):
+    # compute_norms=False is the benchmark's Triton-GEMM baseline: same dW/db, no norms.
+    x, dy = _make(23, 3, 20, 18, torch.float32, "sbh", seed=3)
+    res = wgrad_sample_norms(x, dy, compute_bias=True, compute_norms=False, split_samples=split)
+    dw, _, db, _ = _fp64_truth(x, dy, "sbh")
+    torch.testing.assert_close(res.grad_weight.double(), dw, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(res.grad_bias.double(), db, rtol=1e-4, atol=1e-3)
+    assert not res.sq_norms_weight.any() and not res.sq_norms_bias.any()
+
+
 def test_reference_matches_fp64_and_validates():
     x, dy = _make(9, 3, 10, 6, torch.float32, "bsh")
     _check(wgrad_sample_norms_reference(x, dy, "bsh", compute_bias=True), x, dy, "bsh", torch.float32)

@@ -286,7 +286,7 @@ def detect(env: Optional[Mapping[str, str]] = None,
     if names and names.strip():
         try:
             gpu = gpu_preset(names.strip().splitlines()[0])
-            found.append(f"nvidia-smi name")
+            found.append("nvidia-smi name")
         except ValueError:
             pass
     p = GPU_PRESETS[gpu]

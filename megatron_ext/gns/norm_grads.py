@@ -39,8 +39,10 @@ if triton is not None:
         s_begin = tl.program_id(2) * chunk
         acc_g = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for s0 in range(s_begin, s_begin + chunk, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
+        # Loop bounds from scalar arguments only (Triton 3.6's interpreter cannot take a
+        # program_id-derived tensor as a range bound).
+        for k0 in range(0, chunk, BLOCK_S):
+            offs_s = s_begin + k0 + tl.arange(0, BLOCK_S)
             mask_s = (offs_s < S) & (offs_s < s_begin + chunk)
             m2 = mask_s[:, None] & mask_h[None, :]
             dy = tl.load(dy_ptr + offs_s[:, None] * s_dy_s + i * s_dy_b + offs_h[None, :],

@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import List, Optional
 
 from .config import MemoryPlannerConfig, add_memory_planner_args
-from .estimate import GIB, estimate_memory
+from .estimate import GIB, estimate_memory, expandable_segments_enabled
 from .search import best_config, longest_sequence, max_micro_batch_size, relative_cost
 from .shapes import ModelShape, ParallelLayout
 
@@ -106,7 +106,8 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"s={model.seq_length}, vocab={model.padded_vocab(tp)} (padded), "
           f"attention={layout.attention}")
     print(f"GPU memory {cfg.gpu_memory_gb:g} GiB, overhead {cfg.memory_overhead_gb:g} GiB, "
-          f"fragmentation x{cfg.memory_fragmentation:g}\n")
+          f"fragmentation x{cfg.memory_fragmentation:g} or one largest transient block "
+          f"({'off: expandable segments' if expandable_segments_enabled() else 'on'})\n")
     for gran in (None, "selective", "full"):
         lay = replace(layout, recompute_granularity=gran)
         est = estimate_memory(model, lay, **kw)

@@ -10,14 +10,21 @@ parallelism shards them. We generalise the 34 to GQA and any MLP width / SwiGLU 
 5*a*s/h score term to megatron-core's local attention (see `_scores_bytes`).
 
 Peak = max over pipeline stages of
-    (weights + grads + optimizer + activations + logits) * fragmentation + overhead
+    base + max(base * (fragmentation - 1), block slack) + overhead,
+    base = weights + grads + optimizer + activations + logits
 where `activations` is the peak of the layers' backward (stored activations of all in-flight
 micro-batches + the one layer being recomputed / its attention workspace) and `logits` is
 what the loss-time [s, b, V] buffers add on top: they are freed before the layers'
 backward starts, so they overlap the stored activations but not the layer workspace.
+`block slack` is one largest transient allocation (see `largest_transient_bytes`): PyTorch's
+caching allocator cannot merge cached segments, so when single tensors are a sizeable part of
+the GPU (fp32 attention scores at long sequence lengths) a free block of that size may be
+stranded. It is left out when `PYTORCH_CUDA_ALLOC_CONF` has `expandable_segments:True`, and
+by comparisons against `torch.cuda.max_memory_allocated` (which does not see fragmentation).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict
 
@@ -45,7 +52,7 @@ class MemoryEstimate:
     overhead: int
     """CUDA context and library workspaces."""
     fragmentation: int
-    """Extra bytes from the allocator fragmentation factor."""
+    """Extra bytes from the allocator fragmentation factor plus the block slack."""
     total: int
     stage: int = 0
     """Pipeline stage with the largest total."""
@@ -202,11 +209,33 @@ def logits_bytes(model: ModelShape, layout: ParallelLayout, stage: int) -> int:
     return 6 * s * layout.micro_batch_size * model.padded_vocab(layout.tp) // layout.tp
 
 
+def largest_transient_bytes(model: ModelShape, layout: ParallelLayout, stage: int) -> int:
+    """Largest single tensor allocated and freed during the step on pipeline `stage`: the
+    fp32 scores of local attention [b, a/t, s, s], the fp32 logits [s, b, V/t] of the last
+    stage, or the fc1 output [s, b, f'/t] (bf16)."""
+    s, b, t = model.seq_length // layout.cp, layout.micro_batch_size, layout.tp
+    fc1 = 2 * model.ffn_hidden_size if model.swiglu else model.ffn_hidden_size
+    largest = 2 * s * b * fc1 // t
+    if layout.attention == "local":
+        largest = max(largest, 4 * model.num_attention_heads * s * s * b // t)
+    if stage == layout.pp - 1:
+        largest = max(largest, 4 * s * b * model.padded_vocab(t) // t)
+    return largest
+
+
+def expandable_segments_enabled() -> bool:
+    """True when this process's PyTorch allocator config asks for expandable segments."""
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") or os.environ.get(
+        "PYTORCH_ALLOC_CONF", "")
+    return "expandable_segments:true" in conf.replace(" ", "").lower()
+
+
 # ----------------------------------------------------------------------------- total
 def estimate_memory(model: ModelShape, layout: ParallelLayout, dtype_bytes: int = 2, *,
                     grad_bytes: int = 4, include_optimizer: bool = True,
                     overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
-                    fragmentation: float = DEFAULT_FRAGMENTATION) -> MemoryEstimate:
+                    fragmentation: float = DEFAULT_FRAGMENTATION,
+                    block_slack: bool = None) -> MemoryEstimate:
     """Predicted peak memory per GPU (the largest pipeline stage).
 
     dtype_bytes: bytes of the model weights/activations (2 = bf16/fp16, 4 = fp32).
@@ -216,11 +245,15 @@ def estimate_memory(model: ModelShape, layout: ParallelLayout, dtype_bytes: int 
       only, e.g. before the first optimizer step).
     overhead_bytes: CUDA context, cuBLAS/NCCL workspaces (not seen by the allocator).
     fragmentation: caching-allocator fragmentation factor on everything else.
+    block_slack: add one largest transient allocation for blocks the caching allocator
+      cannot merge (module doc). Default: on unless expandable segments are configured.
     """
     if dtype_bytes not in (2, 4):
         raise ValueError(f"dtype_bytes must be 2 (bf16/fp16) or 4 (fp32), got {dtype_bytes}")
     if fragmentation < 1.0:
         raise ValueError(f"fragmentation must be >= 1.0, got {fragmentation}")
+    if block_slack is None:
+        block_slack = not expandable_segments_enabled()
     best = None
     for stage in range(layout.pp):
         p = stage_params(model, layout, stage)
@@ -239,6 +272,8 @@ def estimate_memory(model: ModelShape, layout: ParallelLayout, dtype_bytes: int 
         logits = max(0, logits_raw - act["transient"])
         base = weights + grads + opt + act["total"] + logits
         frag = int(base * (fragmentation - 1.0))
+        if block_slack:  # the proportional factor already covers small blocks
+            frag = max(frag, largest_transient_bytes(model, layout, stage))
         total = base + frag + int(overhead_bytes)
         if best is None or total > best.total:
             best = MemoryEstimate(

@@ -10,6 +10,7 @@ import os
 
 from megatron_ext.memory_planner import (
     GIB, ModelShape, ParallelLayout, estimate_memory, longest_sequence, max_micro_batch_size)
+from megatron_ext.memory_planner.estimate import expandable_segments_enabled
 
 
 def model_shape_and_layout(args: argparse.Namespace, vocab_size: int):
@@ -44,9 +45,12 @@ def print_memory_plan(args: argparse.Namespace, mem_cfg) -> None:
     kw = mem_cfg.estimate_kwargs()
     est = estimate_memory(model, layout, **kw)
     budget = mem_cfg.gpu_memory_bytes
-    print(f"> memory plan (per GPU, {mem_cfg.gpu_memory_gb:g} GiB budget):")
+    slack = ("expandable segments: no block slack" if expandable_segments_enabled()
+             else "fragmentation includes one largest block; set PYTORCH_CUDA_ALLOC_CONF="
+                  "expandable_segments:True to reduce it")
+    print(f"> memory plan (per GPU, {mem_cfg.gpu_memory_gb:g} GiB budget; {slack}):")
     print(est.as_table())
     verdict = "fits" if est.total <= budget else "DOES NOT FIT"
     print(f"> predicted peak {est.total / GIB:.2f} GiB: {verdict}")
-    print(f"> largest micro-batch that fits: {max_micro_batch_size(model, layout, budget)}")
-    print(f"> longest sequence that fits: {longest_sequence(model, layout, budget)} tokens")
+    print(f"> largest micro-batch that fits: {max_micro_batch_size(model, layout, budget, **kw)}")
+    print(f"> longest sequence that fits: {longest_sequence(model, layout, budget, **kw)} tokens")
