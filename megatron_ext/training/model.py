@@ -35,6 +35,14 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
+def _deferred_init(weight: torch.Tensor) -> torch.Tensor:
+    """Megatron's init_method slot: leave the tensor as is, `init_weights_by_name` fills it.
+
+    Saves a third of model-building time (one normal draw of every weight instead of two).
+    """
+    return weight
+
+
 def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
     dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
     return TransformerConfig(
@@ -69,7 +77,12 @@ def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
         # finalize_model_grads instead of by the number of micro-batches.
         calculate_per_token_loss=True,
         use_cpu_initialization=True,
+        # Megatron must run its init (it sets the tensor-parallel attributes there), but the
+        # values are overwritten by `init_weights_by_name`: skip drawing them twice.
         perform_initialization=True,
+        init_method=_deferred_init,
+        output_layer_init_method=_deferred_init,
+        embedding_init_method=_deferred_init,
         # Fusions that need apex/TE/CUDA kernels stay off; torch does the same math.
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,
