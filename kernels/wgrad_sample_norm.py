@@ -113,7 +113,7 @@ if triton is not None:
 
     @triton.autotune(
         configs=_CONFIGS,
-        key=["S", "D_OUT", "D_IN", "SPLIT_OUT"],
+        key=["S", "D_OUT", "D_IN", "SPLIT_OUT", "NORMS"],
         prune_configs_by={"early_config_prune": _prune_configs} if not _interpreting() else None,
         # Tuning runs the kernel many times: the norm buffers must restart at zero and an
         # accumulated main_grad must be put back.
