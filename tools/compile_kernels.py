@@ -2,7 +2,7 @@
 
 Main API: `compile_wgrad_kernel(arch, dtype, config) -> dict` and the command line
 
-    python tools/compile_kernels.py [--arch 80 90] [--dtype bf16 fp32] [--all-configs]
+    python tools/compile_kernels.py [--arch 80 90] [--dtype bf16 fp32] [--all-configs] [--dw-only]
 
 For every (arch, dtype, autotune config) it runs Triton's full pipeline (TTIR -> TTGIR ->
 LLVM -> PTX -> cubin with the bundled ptxas) and prints the registers, spill bytes and
@@ -112,6 +112,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--arch", nargs="+", type=_arch_number, default=[80, 90],
                    help="compute capabilities to compile for (80 = A100, 90 = H100)")
     p.add_argument("--dtype", nargs="+", choices=sorted(_DTYPES), default=["bf16", "fp32"])
+    p.add_argument("--dw-only", action="store_true",
+                   help="compile the dW-only mode (per-sample epilogue off) for comparison")
     p.add_argument("--all-configs", action="store_true",
                    help="every autotune config (default: the first one of each arch's set)")
     args = p.parse_args(argv)
@@ -133,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 name = (f"sm_{arch} {dtype:<4} {k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} "
                         f"w{cfg.num_warps} s{cfg.num_stages}")
                 try:
-                    u = compile_wgrad_kernel(arch, dtype, cfg)
+                    u = compile_wgrad_kernel(arch, dtype, cfg, norms=not args.dw_only)
                 except Exception as e:  # report every config, fail at the end
                     failures += 1
                     msg = str(e).strip().splitlines()
