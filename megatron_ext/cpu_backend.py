@@ -38,6 +38,7 @@ core.transformer.dot_product_attention      causal mask buffer on current_device
 core.models.gpt.gpt_model                   logits/labels helper buffers
 core.models.common.embeddings.rotary_pos_embedding  inv_freq on current_device()
 core.models.common.embeddings.rope_utils   CP slice index created with pin_memory=True
+core.rerun_state_machine                    NaN/Inf report names torch.cuda.current_device()
 core.transformer.utils                      causal mask created with device="cuda"
 =========================================  ====================================================
 
@@ -91,6 +92,7 @@ PATCHED_MODULES = (
     "megatron.core.models.gpt.gpt_model",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.models.common.embeddings.rope_utils",
+    "megatron.core.rerun_state_machine",
 )
 
 _FACTORIES = (

@@ -123,6 +123,22 @@ def test_bad_flags_exit_with_one_line(tmp_path):
         assert "Traceback" not in proc.stderr
 
 
+def test_divergence_stops_with_one_line_and_names_the_checkpoint(tmp_path):
+    """NaN gradients (absurd LR): a clear error naming the iteration and the last checkpoint
+    instead of megatron-core's stack trace from inside DDP."""
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *TINY, "--lr", "1e5", "--clip-grad", "0",
+         "--train-iters", "20", "--save", str(ckpt), "--save-interval", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    err = [l for l in proc.stderr.splitlines() if l.startswith("pretrain_gpt.py: error:")]
+    assert err and "non-finite gradients" in err[0] and "found NaN" in err[0], proc.stderr[-2000:]
+    last = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert f"iteration {last + 1}:" in err[0] and f"iter_{last:07d}" in err[0]
+    assert "Traceback" not in proc.stderr
+
+
 def test_sigterm_saves_checkpoint_and_resumes(tmp_path, data_cache):
     """torchrun forwards SIGTERM to the ranks; they agree on a step, save and exit."""
     import os

@@ -56,6 +56,22 @@ class _StopRequest:
         return self.requested
 
 
+class TrainingDiverged(RuntimeError):
+    """Non-finite gradients: training stops before the optimizer step touches the weights."""
+
+
+def _diverged(e: RuntimeError, iteration: int, last_checkpoint: Optional[str]) -> TrainingDiverged:
+    # megatron-core's DDP check: "... Unexpected result nan (message='found NaN in local grad
+    # norm for bucket #0 ...')"; keep the part in quotes.
+    msg = str(e)
+    detail = msg.split("message='", 1)[-1].split(" in backward pass", 1)[0].rstrip("')")
+    resume = (f"the last checkpoint is {last_checkpoint} (resume with --load)"
+              if last_checkpoint else "no checkpoint was saved (see --save/--save-interval)")
+    return TrainingDiverged(
+        f"iteration {iteration}: non-finite gradients ({detail}); the weights were not "
+        f"updated, {resume}. Lower --lr, set --clip-grad, or lengthen the warmup.")
+
+
 def _feature_configs(args: argparse.Namespace) -> Dict[str, Any]:
     """Each feature's dataclass config; their __post_init__ checks raise ValueError."""
     from megatron_ext.batch_growth.config import BatchGrowthConfig
@@ -138,6 +154,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     try:
         train(args, cfgs)
+    except TrainingDiverged as e:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        who = f"rank {rank}: " if world > 1 else ""
+        print(f"pretrain_gpt.py: error: {who}{e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -183,7 +204,9 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> int:
     ext.attach(model)
 
     iteration = 0
+    last_checkpoint = None
     if args.load:
+        last_checkpoint = args.load
         loop_state = checkpointing.load_checkpoint(args.load, gpt, optimizer,
                                                    load_optim=not args.no_load_optim)
         iteration = int(loop_state["iteration"])
@@ -222,11 +245,16 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         t0 = time.perf_counter()
-        losses = forward_backward(
-            forward_step_func=data.forward_step, data_iterator=iter(micro_batches), model=[model],
-            num_microbatches=len(micro_batches), seq_length=data.local_seq_length,
-            micro_batch_size=micro, forward_only=False,
-        )
+        try:
+            losses = forward_backward(
+                forward_step_func=data.forward_step, data_iterator=iter(micro_batches),
+                model=[model], num_microbatches=len(micro_batches),
+                seq_length=data.local_seq_length, micro_batch_size=micro, forward_only=False,
+            )
+        except RuntimeError as e:
+            if "Unexpected result" not in str(e):
+                raise
+            raise _diverged(e, iteration + 1, last_checkpoint) from None
         ext.before_optimizer_step()
         update_ok, grad_norm, _ = optimizer.step()
         if device == "cuda":
@@ -278,6 +306,7 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> int:
             path = checkpointing.save_checkpoint(args.save, iteration, gpt, optimizer, state,
                                                  save_optim=not args.no_save_optim)
             print_rank_0(f"> saved checkpoint at iteration {iteration} to {path}")
+            last_checkpoint = str(path)
         if stop_now:
             print_rank_0(f"> stop requested: exiting after iteration {iteration}")
             break
