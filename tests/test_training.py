@@ -109,7 +109,9 @@ def test_bad_flags_exit_with_one_line(tmp_path):
         (["--num-attention-heads", "3", "--tensor-model-parallel-size", "2"], "--num-attention-heads"),
         (["--data-path", str(tmp_path / "missing")], "--data-path"),
         (["--gns", "--gns-estimator", "data-parallel"], "--gns-estimator"),
+        (["--save", str(tmp_path / "a_file" / "ckpt")], "--save"),
     ]
+    (tmp_path / "a_file").write_text("not a directory")
     if not torch.cuda.is_available():
         cases += [(["--use-distributed-optimizer"], "--use-distributed-optimizer"),
                   (["--bf16"], "--bf16"),

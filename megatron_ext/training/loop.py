@@ -56,6 +56,20 @@ class _StopRequest:
         return self.requested
 
 
+def _check_save_dir(path: str) -> None:
+    """Create --save now and write a probe file, so that a bad path fails before training
+    rather than at the first checkpoint (every rank writes its shards there)."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_probe_"):
+            pass
+    except OSError as e:
+        raise ArgumentError(f"--save {path}: cannot write checkpoints there "
+                            f"({e.strerror or e})") from None
+
+
 class TrainingDiverged(RuntimeError):
     """Non-finite gradients: training stops before the optimizer step touches the weights."""
 
@@ -144,6 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = parse_args(argv)
         cfgs = _feature_configs(args)
+        if args.save and not cfgs["memory"].plan_memory:
+            _check_save_dir(args.save)
     except (ArgumentError, ValueError) as e:
         print(f"pretrain_gpt.py: error: {e}", file=sys.stderr)
         return 2
