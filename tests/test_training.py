@@ -141,6 +141,20 @@ def test_divergence_stops_with_one_line_and_names_the_checkpoint(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_resume_into_another_model_names_the_flags(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    base = [sys.executable, str(SCRIPT), *TINY, "--train-iters", "1"]
+    subprocess.run(base + ["--save", str(ckpt)], cwd=tmp_path, check=True,
+                   capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(base + ["--train-iters", "2", "--load", str(ckpt), "--hidden-size", "32",
+                                  "--swiglu"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [l for l in proc.stderr.splitlines() if l.startswith("pretrain_gpt.py: error:")]
+    assert err and "--hidden-size 64 (this run: 32)" in err[0] and "--swiglu False" in err[0]
+    assert "Traceback" not in proc.stderr
+
+
 def test_sigterm_saves_checkpoint_and_resumes(tmp_path, data_cache):
     """torchrun forwards SIGTERM to the ranks; they agree on a step, save and exit."""
     import os

@@ -1,6 +1,7 @@
 """Save and resume training state with megatron-core ``dist_checkpointing``.
 
-Main API: :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`latest_iteration`.
+Main API: :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`latest_iteration`,
+:func:`model_signature`.
 
 Layout of ``--save DIR``::
 
@@ -10,7 +11,9 @@ Layout of ``--save DIR``::
     DIR/latest_checkpointed_iteration.txt
 
 A checkpoint saved under one TP/PP/DP layout resumes under another (megatron-core reshards
-the model and optimizer); only the dropout RNG streams then restart.
+the model and optimizer); only the dropout RNG streams then restart. The model-shape flags are
+saved too (:func:`model_signature`): resuming with different ones fails before any shard is
+read, naming each flag (:class:`CheckpointMismatch`).
 
 A checkpoint is written to ``iter_N.tmp`` and renamed when every rank has finished, and the
 "latest" file is replaced atomically afterwards, so a crash while saving never leaves a
@@ -33,6 +36,43 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 logger = logging.getLogger(__name__)
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+
+# Flags that fix the parameters' shapes: saved with every checkpoint and compared on --load,
+# so a mismatch is named flag by flag instead of as a tensor-shape error from the loader.
+MODEL_SHAPE_FLAGS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "swiglu", "normalization", "qk_layernorm", "disable_bias_linear",
+    "position_embedding_type", "untie_embeddings_and_output_weights", "max_position_embeddings",
+    "padded_vocab_size",
+)
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint under --load was saved for a different model."""
+
+
+def model_signature(args, padded_vocab_size: int) -> Dict[str, Any]:
+    """The values of :data:`MODEL_SHAPE_FLAGS` for this run."""
+    sig = {k: getattr(args, k, None) for k in MODEL_SHAPE_FLAGS if k != "padded_vocab_size"}
+    sig["padded_vocab_size"] = int(padded_vocab_size)
+    if sig.get("position_embedding_type") != "learned_absolute":
+        sig.pop("max_position_embeddings")  # only learned positions have a table
+    return sig
+
+
+def _check_model_signature(ckpt_dir: str, saved: Optional[Dict[str, Any]],
+                           current: Optional[Dict[str, Any]]) -> None:
+    if not saved or not current:
+        return  # checkpoints written before signatures were saved
+    diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diffs:
+        def name(k):  # the padded vocab is not a flag: say what sets it
+            return ("padded vocab (--make-vocab-size-divisible-by x TP)"
+                    if k == "padded_vocab_size" else "--" + k.replace("_", "-"))
+        what = ", ".join(f"{name(k)} {saved.get(k)} (this run: {current.get(k)})"
+                         for k in diffs)
+        raise CheckpointMismatch(f"--load {ckpt_dir} was saved for another model: {what}; "
+                                 "use the saved run's model flags")
 
 
 def _iter_dir(root: str, iteration: int) -> str:
@@ -102,8 +142,13 @@ def save_checkpoint(
     return final_dir
 
 
-def load_checkpoint(root: str, model, optimizer, load_optim: bool = True) -> Dict[str, Any]:
-    """Load the latest checkpoint under ``root`` into model/optimizer; returns the loop state."""
+def load_checkpoint(root: str, model, optimizer, load_optim: bool = True,
+                    signature: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Load the latest checkpoint under ``root`` into model/optimizer; returns the loop state.
+
+    ``signature`` (see :func:`model_signature`) is compared with the saved one first and a
+    difference raises :class:`CheckpointMismatch` naming the flags.
+    """
     iteration = latest_iteration(root)
     if iteration is None:
         raise FileNotFoundError(
@@ -112,13 +157,22 @@ def load_checkpoint(root: str, model, optimizer, load_optim: bool = True) -> Dic
     ckpt_dir = _iter_dir(root, iteration)
     rank = torch.distributed.get_rank()
     rank_file = os.path.join(ckpt_dir, f"rank_{rank:05d}.pt")
+    common = dist_checkpointing.load_common_state_dict(ckpt_dir)["loop"]
+    _check_model_signature(ckpt_dir, common.get("model"), signature)
     state = _sharded_state(model, optimizer, load_optim, is_loading=True)
     state["loop"] = None
-    loaded = dist_checkpointing.load(state, ckpt_dir)
+    try:
+        loaded = dist_checkpointing.load(state, ckpt_dir)
+    except Exception as e:  # dist_checkpointing wraps shape/key errors in several types
+        if "mismatch" not in str(e).lower() and "missing" not in str(e).lower():
+            raise
+        reason = str(e).strip().splitlines()[-1][:300]
+        raise CheckpointMismatch(f"--load {ckpt_dir} does not fit this model or optimizer "
+                                 f"({reason})") from None
     model.load_state_dict(loaded["model"])
     if load_optim:
         optimizer.load_state_dict(loaded["optimizer"])
-    loop_state = loaded.get("loop") or dist_checkpointing.load_common_state_dict(ckpt_dir)["loop"]
+    loop_state = loaded.get("loop") or common
     saved_layout = loop_state.get("parallel_layout")
     if os.path.exists(rank_file) and saved_layout in (None, parallel_layout()):
         _set_rng_state(torch.load(rank_file, weights_only=False))

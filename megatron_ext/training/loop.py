@@ -168,8 +168,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print_memory_plan(args, cfgs["memory"])
         return 0
+    from megatron_ext.training.checkpointing import CheckpointMismatch as checkpoint_mismatch
+
     try:
         train(args, cfgs)
+    except checkpoint_mismatch as e:
+        if rank == 0:
+            print(f"pretrain_gpt.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
     except TrainingDiverged as e:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         who = f"rank {rank}: " if world > 1 else ""
@@ -223,8 +229,9 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> int:
     last_checkpoint = None
     if args.load:
         last_checkpoint = args.load
-        loop_state = checkpointing.load_checkpoint(args.load, gpt, optimizer,
-                                                   load_optim=not args.no_load_optim)
+        loop_state = checkpointing.load_checkpoint(
+            args.load, gpt, optimizer, load_optim=not args.no_load_optim,
+            signature=checkpointing.model_signature(args, data.padded_vocab_size))
         iteration = int(loop_state["iteration"])
         data.load_state_dict(loop_state["data"])
         ext.load_state_dict(loop_state["extensions"])
@@ -318,7 +325,8 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> int:
         if save_now:
             state = {"iteration": iteration, "data": data.state_dict(),
                      "extensions": ext.state_dict(),
-                     "parallel_layout": checkpointing.parallel_layout()}
+                     "parallel_layout": checkpointing.parallel_layout(),
+                     "model": checkpointing.model_signature(args, data.padded_vocab_size)}
             path = checkpointing.save_checkpoint(args.save, iteration, gpt, optimizer, state,
                                                  save_optim=not args.no_save_optim)
             print_rank_0(f"> saved checkpoint at iteration {iteration} to {path}")
