@@ -8,7 +8,9 @@ For each (b, s, d_in, d_out), bf16, sequence-first [s, b, h] activations, it tim
 by side in one run (CUDA events, median of --iters after --warmup calls, the first of
 which also autotunes the kernel):
     cublas      dyᵀx alone as one [s*b]-deep GEMM (no per-sample norms): the target
-    fused       wgrad_sample_norms(x, dy): dW + ‖dW_i‖² for every sample
+    fused       wgrad_sample_norms(x, dy): dW + ‖dW_i‖² for every sample (the autotuner
+                picks among cp.async and, on Hopper, TMA configs; the table says which won)
+    fused_cpa   the same restricted to the cp.async configs (tma=False)
     fused_mg    the same accumulating into an fp32 main_grad (Megatron grad-acc fusion)
     triton_dw   the same kernel with the per-sample epilogue compiled out (dW only): splits
                 the gap into Triton-GEMM vs cuBLAS (triton_dw/cublas) and the norms' own
@@ -66,6 +68,12 @@ def _safe_time(fn, warmup, iters):
         return None
 
 
+def _kernel():
+    from megatron_ext.kernels import wgrad_sample_norm
+
+    return wgrad_sample_norm._wgrad_sample_norm_kernel
+
+
 def bench_shape(b, s, d_in, d_out, warmup, iters, naive=True, device="cuda"):
     """One table row; `device` other than cuda only serves a logic smoke test."""
     from megatron_ext.kernels import wgrad_sample_norms
@@ -85,6 +93,9 @@ def bench_shape(b, s, d_in, d_out, warmup, iters, naive=True, device="cuda"):
     def fused_mg():
         return wgrad_sample_norms(x, dy, main_grad=main_grad)
 
+    def fused_cpa():
+        return wgrad_sample_norms(x, dy, tma=False)
+
     def triton_dw():
         return wgrad_sample_norms(x, dy, compute_norms=False)
 
@@ -103,6 +114,10 @@ def bench_shape(b, s, d_in, d_out, warmup, iters, naive=True, device="cuda"):
     row = {"b": b, "s": s, "d_in": d_in, "d_out": d_out}
     row["cublas_ms"] = _safe_time(cublas, warmup, iters)
     row["fused_ms"] = _safe_time(fused, warmup, iters)
+    best = getattr(_kernel(), "best_config", None)
+    row["fused_config"] = str(best) if best is not None else None
+    row["fused_uses_tma"] = bool(best.kwargs.get("USE_TMA")) if best is not None else None
+    row["fused_cp_async_ms"] = _safe_time(fused_cpa, warmup, iters)
     row["fused_main_grad_ms"] = _safe_time(fused_mg, warmup, iters)
     row["triton_dw_ms"] = _safe_time(triton_dw, warmup, iters)
     row["bmm_norm_ms"] = _safe_time(bmm_norm, warmup, iters) if naive else None
@@ -125,21 +140,28 @@ def bench_shape(b, s, d_in, d_out, warmup, iters, naive=True, device="cuda"):
     return row  # the caller empties the CUDA cache once this shape's tensors are gone
 
 
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
 def _fmt(v, spec=".3f"):
     return "OOM/skip" if v is None else format(v, spec)
 
 
 def print_table(rows):
     print(
-        "| b | s | d_in | d_out | cuBLAS dW ms | fused ms | fused/cuBLAS | fused+main_grad ms "
+        "| b | s | d_in | d_out | cuBLAS dW ms | fused ms | fused/cuBLAS | TMA won | cp.async-only/cuBLAS "
+        "| fused+main_grad ms "
         "| Triton dW-only/cuBLAS | fused/Triton dW-only "
         "| bmm+norm ms | ghost ms | fused TFLOP/s | dW rel err | norm rel err |"
     )
-    print("|" + "---|" * 15)
+    print("|" + "---|" * 17)
     for r in rows:
         print(
             f"| {r['b']} | {r['s']} | {r['d_in']} | {r['d_out']} | {_fmt(r['cublas_ms'])} "
             f"| {_fmt(r['fused_ms'])} | {_fmt(r.get('ratio_fused_vs_cublas'))} "
+            f"| {'-' if r.get('fused_uses_tma') is None else ('yes' if r['fused_uses_tma'] else 'no')} "
+            f"| {_fmt(_ratio(r.get('fused_cp_async_ms'), r.get('cublas_ms')))} "
             f"| {_fmt(r['fused_main_grad_ms'])} | {_fmt(r.get('ratio_triton_dw_vs_cublas'))} "
             f"| {_fmt(r.get('ratio_fused_vs_triton_dw'))} "
             f"| {_fmt(r['bmm_norm_ms'])} | {_fmt(r['ghost_ms'])} "

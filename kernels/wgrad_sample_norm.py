@@ -2,7 +2,7 @@
 
 Main API:
     wgrad_sample_norms(x, dy, layout="sbh", *, main_grad=None, compute_bias=False,
-                       split_samples=None)
+                       split_samples=None, compute_norms=True, tma=None)
         -> WgradSampleNorms(grad_weight, sq_norms_weight, grad_bias, sq_norms_bias)
     wgrad_sample_norms_reference(...)  same contract, pure PyTorch (fp32 loop over samples)
     kernel_backend(tensor) -> "triton" | "triton-interpret" | "torch-reference"
@@ -18,6 +18,10 @@ for a sample it runs the whole token (K) loop into a fresh fp32 tile, so that ti
 exact restriction of dW_i; it then adds Σ tile² to n[i] (atomic, other tiles add theirs)
 and adds the tile into the running dW tile. K is never split across programs: a partial
 tile squared would not give ‖dW_i‖².
+
+Tiles reach shared memory by cp.async (any strides) or, on Hopper with Megatron's contiguous
+[s, b, h] activations, by TMA; the autotuner picks (`tma=` forces one, see
+`wgrad_sample_norm_tuning.py`).
 
 Backends (`kernel_backend(t)` says which): on CUDA tensors the compiled Triton kernel
 runs. Triton decides at decoration time (module import) whether kernels run in its CPU
@@ -44,77 +48,27 @@ from .wgrad_sample_norm_reference import (  # noqa: F401  (re-exported)
     _sample_strides,
     wgrad_sample_norms_reference,
 )
-
-
-# ----------------------------------------------------------------------------- configs
-def _config(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-        num_warps=warps,
-        num_stages=stages,
-    )
-
-
-def _interpreting() -> bool:
-    """True while TRITON_INTERPRET=1 (Triton reads it live; `@triton.jit` reads it at import)."""
-    return triton is not None and bool(triton.knobs.runtime.interpret)
-
-
-def _gpu_configs():
-    # Two fp32 [BM, BN] accumulators live in registers (running dW tile + the current
-    # sample's tile), so 128x128 tiles want 8 warps (64 + 64 regs/thread) and 128x256
-    # tiles are left out (they would spill).
-    return [
-        # Hopper (sm90, 228 KB smem): deeper pipelines, BLOCK_K 64.
-        _config(128, 128, 64, 8, 4),
-        _config(128, 128, 64, 8, 5),
-        _config(128, 128, 64, 8, 3),
-        _config(128, 64, 64, 4, 4),
-        _config(64, 128, 64, 4, 4),
-        _config(256, 64, 64, 8, 3),
-        # Ampere (sm80/86, 100-164 KB smem): BLOCK_K 32, 3-4 stages.
-        _config(128, 128, 32, 8, 4),
-        _config(128, 128, 32, 8, 3),
-        _config(128, 64, 32, 4, 4),
-        _config(64, 128, 32, 4, 4),
-        _config(64, 64, 32, 4, 4),
-        _config(64, 64, 64, 4, 3),
-    ]
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    """Keep configs meant for this GPU generation whose smem footprint fits.
-
-    Hopper (sm90+) keeps the BLOCK_K=64 set, Ampere and older keep all; fewer configs
-    means a shorter one-off tuning per (S, D_OUT, D_IN, dtype).
-    """
-    if not torch.cuda.is_available():
-        return configs[:1]
-    dev = named_args["x_ptr"].device
-    props = torch.cuda.get_device_properties(dev)
-    smem = getattr(props, "shared_memory_per_block_optin", 0) or 96 * 1024
-    elt = named_args["x_ptr"].element_size()
-    kept = []
-    for c in configs:
-        kw = c.kwargs
-        if props.major >= 9 and kw["BLOCK_K"] < 64 and elt < 4:
-            continue
-        need = (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elt * c.num_stages
-        if need <= smem:
-            kept.append(c)
-    return kept or configs[-1:]
+from .wgrad_sample_norm_tuning import (  # noqa: F401  (_gpu_configs: tools/compile_kernels.py)
+    _config,
+    _ensure_tma_allocator,
+    _gpu_configs,
+    _interpreting,
+    _prune_configs,
+    _tma_mode,
+)
 
 
 if triton is not None:
     # Under the interpreter every config is re-run on the CPU while tuning; one small
-    # config keeps tests fast and exercises the masks (tiles bigger than nothing, smaller
-    # than the test shapes).
-    _CONFIGS = [_config(16, 16, 16, 1, 1, group_m=2)] if _interpreting() else _gpu_configs()
+    # config (per TMA mode) keeps tests fast and exercises the masks (tiles bigger than
+    # nothing, smaller than the test shapes).
+    _CONFIGS = ([_config(16, 16, 16, 1, 1, group_m=2), _config(16, 16, 16, 1, 1, group_m=2, tma=True)]
+                if _interpreting() else _gpu_configs())
 
     @triton.autotune(
         configs=_CONFIGS,
-        key=["S", "D_OUT", "D_IN", "SPLIT_OUT", "NORMS"],
-        prune_configs_by={"early_config_prune": _prune_configs} if not _interpreting() else None,
+        key=["S", "D_OUT", "D_IN", "SPLIT_OUT", "NORMS", "TMA_MODE"],
+        prune_configs_by={"early_config_prune": _prune_configs},
         # Tuning runs the kernel many times: the norm buffers must restart at zero and an
         # accumulated main_grad must be put back.
         reset_to_zero=["norm_w_ptr", "norm_b_ptr", "db_ptr"],
@@ -138,10 +92,12 @@ if triton is not None:
         DOT_PRECISION: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
         NORMS: tl.constexpr,
+        TMA_MODE: tl.constexpr,  # launcher's choice, read by the config pruning (key only)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        USE_TMA: tl.constexpr,
     ):
         # Grouped tile order (Triton matmul tutorial): neighbouring programs share dy
         # column blocks in L2.
@@ -166,6 +122,7 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)  # tokens of one sample
         mask_m = offs_m < D_OUT
         mask_n = offs_n < D_IN
+        mask_out = mask_m[:, None] & mask_n[None, :]
         # Only the first column of programs computes the bias gradient (it reads the
         # same dy tiles anyway), so the extra work is 1/num_pid_n of a cheap reduction.
         do_bias = pid_n == 0
@@ -175,6 +132,15 @@ if triton is not None:
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # dW_i tile of the sample
         bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
         bias_part = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if USE_TMA:
+            # Samples side by side in a token row ([s, b, h] contiguous over (b, h)), so a
+            # 2D view [S, B*D] serves every sample: sample i's tile starts at column i*D.
+            # Rows past S are zero-filled; columns past D belong to sample i+1 (or are zero
+            # past B*D): they only reach dW rows/columns that the epilogue masks.
+            dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[S, B * D_OUT], strides=[stride_ys, 1],
+                                                block_shape=[BLOCK_K, BLOCK_M])
+            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[S, B * D_IN], strides=[stride_xs, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
         # One flat loop over (sample, token tile) instead of two nested loops: the
         # software pipeliner then keeps prefetching across sample boundaries (same
         # pattern as the persistent-matmul tutorial's tile epilogue).
@@ -185,18 +151,22 @@ if triton is not None:
             t = (kk * BLOCK_K + offs_k).to(tl.int64)  # int64: s*b*h may exceed 2^31
             mask_t = t < S
             base_i = i.to(tl.int64)
-            # dyᵀ tile [BLOCK_M, BLOCK_K]: rows = output features, cols = tokens
-            a = tl.load(
-                dy_ptr + base_i * stride_yb + t[None, :] * stride_ys + offs_m[:, None] * stride_yh,
-                mask=mask_m[:, None] & mask_t[None, :],
-                other=0.0,
-            )
-            # x tile [BLOCK_K, BLOCK_N]
-            xt = tl.load(
-                x_ptr + base_i * stride_xb + t[:, None] * stride_xs + offs_n[None, :] * stride_xh,
-                mask=mask_t[:, None] & mask_n[None, :],
-                other=0.0,
-            )
+            if USE_TMA:
+                a = tl.trans(dy_desc.load([kk * BLOCK_K, i * D_OUT + pid_m * BLOCK_M]))
+                xt = x_desc.load([kk * BLOCK_K, i * D_IN + pid_n * BLOCK_N])
+            else:
+                # dyᵀ tile [BLOCK_M, BLOCK_K]: rows = output features, cols = tokens
+                a = tl.load(
+                    dy_ptr + base_i * stride_yb + t[None, :] * stride_ys + offs_m[:, None] * stride_yh,
+                    mask=mask_m[:, None] & mask_t[None, :],
+                    other=0.0,
+                )
+                # x tile [BLOCK_K, BLOCK_N]
+                xt = tl.load(
+                    x_ptr + base_i * stride_xb + t[:, None] * stride_xs + offs_n[None, :] * stride_xh,
+                    mask=mask_t[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
             if UPCAST_DOT:
                 # Triton 3.9's interpreter multiplies bf16 tiles as raw uint16; fp32
                 # operands give the same (exact) products.
@@ -209,12 +179,20 @@ if triton is not None:
             if NORMS:
                 if kk == k_tiles - 1:
                     # The tile now holds all tokens of sample i: square it, fold it in.
-                    tl.atomic_add(norm_w_ptr + i, tl.sum(tl.sum(part * part, axis=1), axis=0))
+                    if USE_TMA:  # zero the other sample's columns / rows before squaring
+                        sq = tl.where(mask_out, part, 0.0)
+                    else:
+                        sq = part
+                    tl.atomic_add(norm_w_ptr + i, tl.sum(tl.sum(sq * sq, axis=1), axis=0))
                     acc += part
                     part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                     if HAS_BIAS:
                         if do_bias:
-                            tl.atomic_add(norm_b_ptr + i, tl.sum(bias_part * bias_part, axis=0))
+                            if USE_TMA:
+                                sqb = tl.where(mask_m, bias_part, 0.0)
+                            else:
+                                sqb = bias_part
+                            tl.atomic_add(norm_b_ptr + i, tl.sum(sqb * sqb, axis=0))
                             bias_acc += bias_part
                             bias_part = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
@@ -222,7 +200,6 @@ if triton is not None:
             acc = part
             bias_acc = bias_part
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-        mask_out = mask_m[:, None] & mask_n[None, :]
         if SPLIT_OUT:  # fp32 out: zeros or main_grad; other splits add their share
             tl.atomic_add(out_ptrs, acc, mask=mask_out)
         else:
@@ -293,6 +270,7 @@ def wgrad_sample_norms(
     compute_bias: bool = False,
     split_samples: Optional[int] = None,
     compute_norms: bool = True,
+    tma: Optional[bool] = None,
 ) -> WgradSampleNorms:
     """dW = Σ_t dy[t]ᵀ x[t] plus per-sample ‖dW_i‖² (and db, ‖db_i‖²) in one pass.
 
@@ -310,6 +288,9 @@ def wgrad_sample_norms(
         compute_norms: False skips the per-sample epilogue (norms stay zero): the same
            kernel as a plain dW GEMM, the benchmark's baseline for the norms' own cost
            (the PyTorch reference path ignores it).
+        tma: None lets the autotuner also try the TMA configs on Hopper when x and dy are
+           contiguous [s, b, h]; True forces them (ValueError if the layout does not
+           allow it; also runs in the interpreter), False keeps the cp.async configs.
     Returns:
         WgradSampleNorms; `grad_weight` has x's dtype unless main_grad was given.
         The norms are summed over tiles with fp32 atomics (order may vary run to run).
@@ -323,6 +304,10 @@ def wgrad_sample_norms(
         return wgrad_sample_norms_reference(x, dy, layout, main_grad=main_grad, compute_bias=compute_bias)
     (sxs, sxb, sxh), _ = _sample_strides(x, layout)
     (sys_, syb, syh), _ = _sample_strides(dy, layout)
+    tma_mode = _tma_mode(x, dy, (sxs, sxb, sxh), (sys_, syb, syh), b, d_in, d_out, tma,
+                         interpreted=kernel_is_interpreted())
+    if tma_mode and x.is_cuda:
+        _ensure_tma_allocator()
     dev = x.device
     n_split = min(b, split_samples if split_samples is not None else _auto_split(x, b, d_out, d_in))
     if main_grad is not None and main_grad.dtype != torch.float32:
@@ -354,6 +339,7 @@ def wgrad_sample_norms(
         # Triton 3.9's interpreter multiplies bf16 tiles as raw uint16 (see the kernel).
         UPCAST_DOT=kernel_is_interpreted() and x.dtype == torch.bfloat16,
         NORMS=compute_norms,
+        TMA_MODE=tma_mode,
     )
     if main_grad is None and out.dtype != x.dtype:
         out = out.to(x.dtype)

@@ -73,7 +73,8 @@ def compile_wgrad_kernel(arch: int, dtype: str, config, accumulate: bool = True,
                  "db_ptr": "*fp32", "norm_w_ptr": "*fp32", "norm_b_ptr": "*fp32"}
     constexprs = {"ACCUMULATE": accumulate, "SPLIT_OUT": split_out, "HAS_BIAS": has_bias,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
-                  "UPCAST_DOT": False, "NORMS": norms, **config.kwargs}
+                  "UPCAST_DOT": False, "NORMS": norms,
+                  "TMA_MODE": 1 if config.kwargs.get("USE_TMA") else 0, **config.kwargs}
     # Specialise like a JIT launch on contiguous [s, b, h] tensors of the benchmark shapes:
     # integer arguments equal to 1 (the feature strides) become constants, the others and
     # all pointers carry the divisible-by-16 hint. Without these the loads cannot be
@@ -96,6 +97,7 @@ def compile_wgrad_kernel(arch: int, dtype: str, config, accumulate: bool = True,
     ttgir = compiled.asm["ttgir"]
     # cp.async (Ampere) / TMA copies into shared memory mean the loads are pipelined.
     usage["pipelined"] = "async_copy_global_to_local" in ttgir or "async_tma_copy" in ttgir
+    usage["loads"] = "tma" if "async_tma_copy" in ttgir else "cp.async"
     usage["mma"] = "wgmma" if "warp_group_dot" in ttgir else "mma"
     return usage
 
@@ -125,15 +127,18 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"with {len(configs)} autotune configs")
     failures = 0
     for arch in args.arch:
-        # The launcher's pruning keeps BLOCK_K=64 configs on Hopper for 16-bit inputs.
-        arch_cfgs = [c for c in configs if arch < 90 or c.kwargs["BLOCK_K"] >= 64]
-        if not args.all_configs:
-            arch_cfgs = arch_cfgs[:1]
+        # The launcher's pruning keeps BLOCK_K=64 configs on Hopper for 16-bit inputs; TMA
+        # configs need Hopper.
+        arch_cfgs = [c for c in configs if (arch < 90 and not c.kwargs["USE_TMA"])
+                     or (arch >= 90 and c.kwargs["BLOCK_K"] >= 64)]
+        if not args.all_configs:  # the first config of each load path
+            arch_cfgs = [next(c for c in arch_cfgs if c.kwargs["USE_TMA"] == t)
+                         for t in (False, True) if any(c.kwargs["USE_TMA"] == t for c in arch_cfgs)]
         for dtype in args.dtype:
             for cfg in arch_cfgs:
                 k = cfg.kwargs
                 name = (f"sm_{arch} {dtype:<4} {k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} "
-                        f"w{cfg.num_warps} s{cfg.num_stages}")
+                        f"w{cfg.num_warps} s{cfg.num_stages}{' tma' if k['USE_TMA'] else ''}")
                 try:
                     u = compile_wgrad_kernel(arch, dtype, cfg, norms=not args.dw_only)
                 except Exception as e:  # report every config, fail at the end
@@ -141,7 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     msg = str(e).strip().splitlines()
                     print(f"{name}: FAILED {type(e).__name__}: {msg[-1] if msg else ''}")
                     continue
-                print(f"{name}: ok  {u['mma']:<5} pipelined {str(u['pipelined']):<5} regs "
+                print(f"{name}: ok  {u['mma']:<5} {u['loads']:<8} pipelined {str(u['pipelined']):<5} regs "
                       f"{u['reg']}  stack {u['stack']} B  smem {u['shared_meta'] / 1024:.0f} KiB")
     sys.stdout.flush()
     return 1 if failures else 0
