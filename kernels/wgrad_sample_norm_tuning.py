@@ -21,11 +21,11 @@ except ImportError:  # pragma: no cover - the venv ships triton
 
 
 def _config(bm, bn, bk, warps, stages, group_m=8, tma=False):
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "USE_TMA": tma},
-        num_warps=warps,
-        num_stages=stages,
-    )
+    """tma=None leaves USE_TMA to the launcher (the interpreter's single config)."""
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}
+    if tma is not None:
+        kw["USE_TMA"] = tma
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
 def _interpreting() -> bool:
@@ -68,11 +68,11 @@ def _prune_configs(configs, named_args, **kwargs):
     (2, the autotuner picks). Hopper (sm90+) keeps the BLOCK_K=64 set, Ampere and older keep
     all non-TMA ones; fewer configs means a shorter one-off tuning per key.
     """
+    if _interpreting() or not torch.cuda.is_available():
+        return configs[:1]
     mode = kwargs.get("TMA_MODE", 0)
     configs = [c for c in configs if (c.kwargs["USE_TMA"] and mode >= 1)
                or (not c.kwargs["USE_TMA"] and mode != 1)]
-    if _interpreting() or not torch.cuda.is_available():
-        return configs[:1]
     dev = named_args["x_ptr"].device
     props = torch.cuda.get_device_properties(dev)
     smem = getattr(props, "shared_memory_per_block_optin", 0) or 96 * 1024
