@@ -174,11 +174,11 @@ def test_config_defaults_and_from_args():
     assert cfg == GNSConfig() and not cfg.gns and cfg.gns_plot is None
     args = p.parse_args(["--gns", "--gns-estimator", "data-parallel", "--gns-ema-decay", "0.9",
                          "--gns-log-interval", "5", "--gns-plot", "out/gns.png",
-                         "--gns-include-embedding"])
+                         "--gns-include-embedding", "--gns-measure-interval", "4"])
     cfg = GNSConfig.from_args(args)
     assert cfg == GNSConfig(gns=True, gns_estimator="data-parallel", gns_ema_decay=0.9,
                             gns_log_interval=5, gns_plot="out/gns.png",
-                            gns_include_embedding=True)
+                            gns_include_embedding=True, gns_measure_interval=4)
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -186,6 +186,7 @@ def test_config_defaults_and_from_args():
     (dict(gns_ema_decay=1.0), "gns-ema-decay"),
     (dict(gns_ema_decay=0.0), "gns-ema-decay"),
     (dict(gns_log_interval=0), "gns-log-interval"),
+    (dict(gns_measure_interval=0), "gns-measure-interval"),
     (dict(gns_plot="gns.pdf"), "gns-plot"),
 ])
 def test_config_validation(kw, msg):

@@ -32,6 +32,20 @@ def test_gns_does_not_change_training_and_logs_b_simple(tmp_path):
     assert (tmp_path / "gns.png").stat().st_size > 0
 
 
+def test_gns_measure_interval_measures_every_nth_step(tmp_path):
+    off, _, _ = _run(tmp_path, "off", [])
+    on, rows, stdout = _run(tmp_path, "every2", ["--gns", "--gns-measure-interval", "2"])
+    for i in off:  # measuring or not, training is the same
+        assert on[i]["lm_loss"] == pytest.approx(off[i]["lm_loss"], rel=1e-6)
+    gns = {r["iteration"]: r for r in rows if "gns/b_simple" in r}
+    assert sorted(gns) == [2, 3, 4, 5, 6]  # nothing measured before step 2
+    for measured in (2, 4):  # unmeasured steps report the last measurement
+        assert gns[measured + 1]["gns/b_simple_raw"] == gns[measured]["gns/b_simple_raw"]
+    assert gns[4]["gns/b_simple_raw"] != gns[2]["gns/b_simple_raw"]
+    assert gns[6]["gns/tokens"] == 6 * 8 * 32  # unmeasured steps' tokens still count
+    assert "every 2 steps" in stdout
+
+
 GROWTH = ["--gns", "--batch-growth", "gns", "--batch-growth-k", "100", "--batch-growth-max", "16",
           "--batch-growth-interval", "2", "--batch-growth-min-steps", "2",
           "--topology", "nodes=1,gpus_per_node=2,gpu=a100-80gb", "--lr-scaling", "linear"]

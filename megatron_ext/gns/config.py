@@ -31,6 +31,11 @@ class GNSConfig:
     """Decay of the bias-corrected EMAs of tr(Sigma) and |G|^2; B_simple is their ratio.
     Closer to 1 = smoother but slower to follow changes of the noise scale."""
 
+    gns_measure_interval: int = 1
+    """Measure on every this-many-th optimizer step only; the other steps run megatron-core's
+    own weight-gradient path, so the measuring overhead is divided by it. The EMAs then see
+    one step in N: lower --gns-ema-decay (e.g. 0.95 -> 0.95**N) to keep their time constant."""
+
     gns_log_interval: int = 1
     """Log B_simple (and the raw/EMA tr(Sigma), |G|^2) every this many optimizer steps."""
 
@@ -52,6 +57,10 @@ class GNSConfig:
             raise ValueError(
                 f"--gns-ema-decay must be in the open interval (0, 1) (typical 0.9-0.99), "
                 f"got {self.gns_ema_decay}")
+        if not isinstance(self.gns_measure_interval, int) or self.gns_measure_interval < 1:
+            raise ValueError(
+                f"--gns-measure-interval must be an integer >= 1 optimizer step (1 = every "
+                f"step), got {self.gns_measure_interval}")
         if not isinstance(self.gns_log_interval, int) or self.gns_log_interval < 1:
             raise ValueError(
                 f"--gns-log-interval must be an integer >= 1 optimizer step, "
@@ -78,6 +87,8 @@ def add_gns_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="per-sample gradient norms or the two-batch data-parallel estimator")
     g.add_argument("--gns-ema-decay", type=float, default=d.gns_ema_decay,
                    help="decay of the EMAs of tr(Sigma) and |G|^2, in (0, 1)")
+    g.add_argument("--gns-measure-interval", type=int, default=d.gns_measure_interval,
+                   help="measure on every N-th optimizer step only (overhead / N)")
     g.add_argument("--gns-log-interval", type=int, default=d.gns_log_interval,
                    help="log the noise scale every N optimizer steps")
     g.add_argument("--gns-plot", type=str, default=d.gns_plot,

@@ -135,6 +135,10 @@ class GNSEstimator:
                 f"GNSEstimator was built with estimator={self.estimator!r}; call the "
                 f"matching update_* method or build it with estimator={wanted!r}")
 
+    def advance_tokens(self, tokens: int) -> None:
+        """Count the tokens of a step that was not measured (the x axis keeps advancing)."""
+        self.tokens_seen += int(tokens)
+
     def _skip_step(self, tokens: int) -> None:
         # Tokens are consumed by training even when the measurement is unusable, so the
         # x axis (tokens) keeps advancing.

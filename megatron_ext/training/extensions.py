@@ -56,6 +56,7 @@ class Extensions:
         self.current_batch = args.global_batch_size
         self.current_micro = args.micro_batch_size
         self._last_measurement = None
+        self._measure_now = False
 
     # ------------------------------------------------------------------ set-up
     def wrap_finalize(self, finalize_fn):
@@ -83,15 +84,22 @@ class Extensions:
     def describe(self) -> str:
         parts = [f"lr schedule: {self.schedule.style} over tokens"]
         if self.tracker is not None:
-            parts.append(f"GNS: {self.gns_cfg.gns_estimator} estimator ({self.tracker.describe()})")
+            every = self.gns_cfg.gns_measure_interval
+            when = f", every {every} steps" if every > 1 else ""
+            parts.append(f"GNS: {self.gns_cfg.gns_estimator} estimator{when} "
+                         f"({self.tracker.describe()})")
         if self.controller is not None:
             parts.append(f"batch growth: {self.growth_cfg.batch_growth}, lr scaling: "
                          f"{self.growth_cfg.lr_scaling}")
         return "; ".join(parts)
 
     # ------------------------------------------------------------------ per step
-    def begin_step(self, num_microbatches: int, micro_batch_size: int, global_batch: int) -> None:
-        if self.tracker is not None:
+    def begin_step(self, iteration: int, num_microbatches: int, micro_batch_size: int,
+                   global_batch: int) -> None:
+        """`iteration`: the 1-based number of the step about to run."""
+        self._measure_now = (self.tracker is not None
+                             and iteration % self.gns_cfg.gns_measure_interval == 0)
+        if self._measure_now:
             self.tracker.begin_step(num_microbatches, micro_batch_size, global_batch)
 
     def b_simple(self) -> Optional[float]:
@@ -105,9 +113,14 @@ class Extensions:
 
     def before_optimizer_step(self) -> None:
         """Measure the gradient noise scale before the optimizer clips the gradients."""
-        if self.tracker is not None:
-            # The estimator accumulates tokens itself: pass this step's tokens only.
-            self._last_measurement = self.tracker.end_step(self.current_batch * self.args.seq_length)
+        if self.tracker is None:
+            return
+        # The estimator accumulates tokens itself: pass this step's tokens only.
+        tokens = self.current_batch * self.args.seq_length
+        if self._measure_now:
+            self._last_measurement = self.tracker.end_step(tokens)
+        else:  # --gns-measure-interval: megatron-core's own path ran; keep counting tokens
+            self.tracker.estimator.advance_tokens(tokens)
 
     def after_step(self, iteration: int, tokens: int, step_time: float) -> None:
         if self.controller is None:

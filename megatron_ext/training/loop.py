@@ -263,7 +263,7 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> int:
         micro_batches = data.next_step(global_batch, micro)
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        ext.begin_step(len(micro_batches), micro, global_batch)
+        ext.begin_step(iteration + 1, len(micro_batches), micro, global_batch)
         lr = ext.learning_rate(data.consumed_tokens, global_batch)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
