@@ -45,3 +45,20 @@ def test_train_samples_sets_an_iteration_bound():
                        "--micro-batch-size", "2"], world_size=1)
     assert args.train_iters == 13
     assert args.lr_decay_samples == 100
+
+
+def test_out_of_memory_error_explains_the_plan_and_the_knobs():
+    import torch
+
+    from megatron_ext.training.loop import _feature_configs, _out_of_memory
+
+    args = parse_args(["--num-layers", "8", "--hidden-size", "2048", "--num-attention-heads", "16",
+                       "--seq-length", "16384", "--max-position-embeddings", "16384",
+                       "--micro-batch-size", "2", "--global-batch-size", "2",
+                       "--attention-backend", "local", "--train-iters", "1"], world_size=1)
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB. GPU 0\nmore")
+    msg = str(_out_of_memory(oom, 3, args, _feature_configs(args), 257))
+    assert msg.startswith("iteration 3: CUDA out of memory. Tried to allocate 16.00 GiB. GPU 0;")
+    assert "the planner predicts" in msg and "GiB per GPU" in msg
+    for knob in ("--recompute-granularity full", "--micro-batch-size", "--attention-backend auto"):
+        assert knob in msg

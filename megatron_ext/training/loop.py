@@ -86,6 +86,18 @@ def _diverged(e: RuntimeError, iteration: int, last_checkpoint: Optional[str]) -
         f"updated, {resume}. Lower --lr, set --clip-grad, or lengthen the warmup.")
 
 
+class OutOfMemory(RuntimeError):
+    """A step ran out of GPU memory (message: what was asked, the planner's view, knobs)."""
+
+
+def _out_of_memory(e: Exception, iteration: int, args, cfgs, vocab_size: int) -> OutOfMemory:
+    from megatron_ext.training.memory_report import out_of_memory_advice
+
+    first = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
+    return OutOfMemory(f"iteration {iteration}: {first[:200].rstrip('.')}; "
+                       f"{out_of_memory_advice(args, cfgs['memory'], vocab_size)}")
+
+
 def _feature_configs(args: argparse.Namespace) -> Dict[str, Any]:
     """Each feature's dataclass config; their __post_init__ checks raise ValueError."""
     from megatron_ext.batch_growth.config import BatchGrowthConfig
@@ -168,15 +180,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print_memory_plan(args, cfgs["memory"])
         return 0
-    from megatron_ext.training.checkpointing import CheckpointMismatch as checkpoint_mismatch
+    from megatron_ext.training.checkpointing import CheckpointMismatch
 
     try:
         train(args, cfgs)
-    except checkpoint_mismatch as e:
+    except CheckpointMismatch as e:
         if rank == 0:
             print(f"pretrain_gpt.py: error: {e}", file=sys.stderr, flush=True)
         return 2
-    except TrainingDiverged as e:
+    except (TrainingDiverged, OutOfMemory) as e:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         who = f"rank {rank}: " if world > 1 else ""
         print(f"pretrain_gpt.py: error: {who}{e}", file=sys.stderr, flush=True)
@@ -274,12 +286,17 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> int:
                 model=[model], num_microbatches=len(micro_batches),
                 seq_length=data.local_seq_length, micro_batch_size=micro, forward_only=False,
             )
+        except torch.cuda.OutOfMemoryError as e:
+            raise _out_of_memory(e, iteration + 1, args, cfgs, data.vocab_size) from None
         except RuntimeError as e:
             if "Unexpected result" not in str(e):
                 raise
             raise _diverged(e, iteration + 1, last_checkpoint) from None
         ext.before_optimizer_step()
-        update_ok, grad_norm, _ = optimizer.step()
+        try:
+            update_ok, grad_norm, _ = optimizer.step()
+        except torch.cuda.OutOfMemoryError as e:  # Adam state is allocated at the first step
+            raise _out_of_memory(e, iteration + 1, args, cfgs, data.vocab_size) from None
         if device == "cuda":
             torch.cuda.synchronize()
         step_time = time.perf_counter() - t0

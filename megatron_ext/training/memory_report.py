@@ -35,6 +35,29 @@ def model_shape_and_layout(args: argparse.Namespace, vocab_size: int):
     return model, layout
 
 
+def out_of_memory_advice(args: argparse.Namespace, mem_cfg, vocab_size: int) -> str:
+    """What to say when a step ran out of GPU memory: the planner's view and the knobs."""
+    model, layout = model_shape_and_layout(args, vocab_size)
+    kw, budget = mem_cfg.estimate_kwargs(), mem_cfg.gpu_memory_bytes
+    est = estimate_memory(model, layout, **kw)
+    tips = []
+    if args.recompute_granularity != "full":
+        tips.append("--recompute-granularity full")
+    if args.micro_batch_size > 1:
+        tips.append("a smaller --micro-batch-size")
+    if layout.attention == "local":
+        tips.append("--attention-backend auto (flash/SDPA: no s x s scores)")
+    if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
+        tips.append("--sequence-parallel")
+    tips.append("more --tensor-model-parallel-size / --context-parallel-size")
+    if not args.use_distributed_optimizer and args.data_parallel_size > 1:
+        tips.append("--use-distributed-optimizer")
+    return (f"the planner predicts {est.total / GIB:.1f} GiB per GPU for this configuration "
+            f"(longest sequence that fits {mem_cfg.gpu_memory_gb:g} GiB: "
+            f"{longest_sequence(model, layout, budget, **kw)} tokens); try "
+            + ", ".join(tips) + " (python -m megatron_ext.memory_planner ... compares them)")
+
+
 def print_memory_plan(args: argparse.Namespace, mem_cfg) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
