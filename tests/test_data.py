@@ -260,3 +260,39 @@ def test_sampler_wrap_and_errors():
         GlobalBatchSampler(10, 2, 2)
     with pytest.raises(ValueError, match="rebuild the dataset"):
         GlobalBatchSampler(11, 0, 2).load_state_dict(s.state_dict())
+
+
+# ---------------------------------------------------------------- pre-tokenized data
+def write_pretokenized(prefix, docs, dtype=numpy.uint16):
+    """A Megatron indexed dataset of given id lists, written by megatron-core's own builder
+    (what Megatron-LM's preprocess_data.py produces with any tokenizer)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for doc in docs:
+        builder.add_document(numpy.asarray(doc, dtype=numpy.int64), [len(doc)])
+    builder.finalize(prefix + ".idx")
+
+
+def test_null_tokenizer_reads_pretokenized_data(tmp_path):
+    from megatron_ext.data.builder import max_token_id
+
+    rng = numpy.random.default_rng(0)
+    prefix = str(tmp_path / "bpe")
+    write_pretokenized(prefix, [rng.integers(0, 1000, 50 + i).tolist() for i in range(30)])
+    assert 900 < max_token_id(prefix) < 1000
+    tok = build_tokenizer("NullTokenizer", 1000)
+    assert (tok.vocab_size, tok.eod) == (1001, 1000) and tok.detokenize(tok.tokenize("3 7")) == "3 7"
+    cfg = DataConfig(data_path=[prefix], tokenizer_type="NullTokenizer", vocab_size=1000)
+    train, _, _ = build_gpt_datasets(cfg, 32, 1, 20, 0, 0)
+    assert int(train[0]["tokens"].max()) <= 1000
+    with pytest.raises(ValueError, match=r"token id 9\d\d does not fit the vocabulary of 501"):
+        DataConfig(data_path=[prefix], tokenizer_type="NullTokenizer", vocab_size=500)
+    with pytest.raises(ValueError, match="use --tokenizer-type NullTokenizer --vocab-size"):
+        DataConfig(data_path=[prefix])  # byte tokenizer: ids must be < 257
+    with pytest.raises(ValueError, match="needs --vocab-size"):
+        DataConfig(data_path=[prefix], tokenizer_type="NullTokenizer")
+    with pytest.raises(ValueError, match="give --data-path"):
+        DataConfig(tokenizer_type="NullTokenizer", vocab_size=1000)
+    with pytest.raises(ValueError, match="--vocab-size is for"):
+        DataConfig(vocab_size=1000)

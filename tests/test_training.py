@@ -6,6 +6,7 @@ floating-point reassociation, recompute must not change it at all, and resuming 
 checkpoint must continue exactly.
 """
 
+import math
 import subprocess
 import sys
 
@@ -199,3 +200,22 @@ def test_resume_under_another_parallel_layout(tmp_path, data_cache, baseline):
     second = _train(tmp_path, data_cache, 2, ["--pipeline-model-parallel-size", "2",
                                               "--load", str(ckpt)], "second")
     _close({**first, **second}, baseline, rtol=2e-5)
+
+
+def test_trains_on_pretokenized_megatron_data(tmp_path):
+    """Data tokenized elsewhere (e.g. Megatron-LM + BPE): --tokenizer-type NullTokenizer."""
+    import numpy
+
+    from test_data import write_pretokenized
+
+    rng = numpy.random.default_rng(1)
+    prefix = str(tmp_path / "bpe")
+    write_pretokenized(prefix, [rng.integers(0, 3000, 40 + i).tolist() for i in range(60)])
+    out = tmp_path / "m.jsonl"
+    proc = run_pretrain(1, [*TINY, "--train-iters", "3", "--data-path", prefix,
+                            "--tokenizer-type", "NullTokenizer", "--vocab-size", "3000",
+                            "--log-json", str(out)], tmp_path)
+    assert "NullTokenizer(vocab_size=3001, eod=3000)" in proc.stdout
+    assert "vocab 3001 padded to 3072" in proc.stdout
+    assert sorted(losses(out)) == [1, 2, 3]
+    assert abs(losses(out)[1] - math.log(3001)) < 0.5  # starts near uniform over the vocab

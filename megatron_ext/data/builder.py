@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass, fields
 from typing import Callable, List, Optional, Tuple
 
-from megatron_ext.data.tokenizer import BYTE_TOKENIZER_TYPES, build_tokenizer
+from megatron_ext.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,28 @@ def parse_split(split: str) -> List[float]:
     return [p / sum(parts) for p in parts]
 
 
+# Megatron's indexed-dataset dtype codes (megatron.core.datasets.indexed_dataset.DType).
+_DTYPE_CODES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64",
+                7: "float32", 8: "uint16"}
+
+
+def max_token_id(prefix: str, max_tokens: int = 1 << 24) -> int:
+    """Largest id among the first ``max_tokens`` tokens of ``prefix.bin`` (a cheap check that
+    the data fits the vocabulary: a too-small one fails later inside the embedding)."""
+    import numpy
+
+    with open(prefix + ".idx", "rb") as f:
+        header = f.read(18)
+    code = header[17] if len(header) == 18 and header.startswith(b"MMIDIDX") else None
+    if code not in _DTYPE_CODES:
+        raise ValueError(f"--data-path: {prefix}.idx is not a Megatron indexed dataset index")
+    dtype = numpy.dtype(_DTYPE_CODES[code])
+    n = min(max_tokens, os.path.getsize(prefix + ".bin") // dtype.itemsize)
+    if n == 0:
+        return -1
+    return int(numpy.memmap(prefix + ".bin", dtype=dtype, mode="r", shape=(n,)).max())
+
+
 def indexed_dataset_num_sequences(prefix: str) -> int:
     """Sequence (= document, as our preprocessors write them) count from an ``.idx`` header."""
     with open(prefix + ".idx", "rb") as f:
@@ -81,7 +103,12 @@ class DataConfig:
     """Directory for the default corpus and megatron's sample-index caches (None: the corpus
     goes to ~/.cache/megatron_ext/stdlib_corpus, index caches next to the data)."""
     tokenizer_type: str = "byte"
-    """Tokenizer; only ``byte`` (UTF-8 bytes + eod, vocab 257) is implemented."""
+    """``byte`` (UTF-8 bytes + eod, vocab 257; data from tools/preprocess_data.py) or
+    ``NullTokenizer`` (data tokenized elsewhere, e.g. by Megatron-LM's preprocess_data.py with
+    a BPE tokenizer; needs ``vocab_size``)."""
+    vocab_size: Optional[int] = None
+    """NullTokenizer only: ids in the data are < vocab_size; eod is one more id (as in
+    Megatron-LM), so the model's vocabulary is vocab_size + 1 before padding."""
     mock_data: bool = False
     """Use megatron's synthetic MockGPTDataset instead of real text (for benchmarking)."""
     eval_iters: int = 10
@@ -90,9 +117,13 @@ class DataConfig:
     """Evaluate every this many training steps."""
 
     def __post_init__(self) -> None:
-        if self.tokenizer_type not in BYTE_TOKENIZER_TYPES:
+        if self.tokenizer_type not in TOKENIZER_TYPES:
             raise ValueError(f"--tokenizer-type {self.tokenizer_type!r} is not supported; use "
-                             f"one of {list(BYTE_TOKENIZER_TYPES)}")
+                             f"one of {list(TOKENIZER_TYPES)}")
+        build_tokenizer(self.tokenizer_type, self.vocab_size)  # flag-pair checks
+        if self.tokenizer_type == "NullTokenizer" and self.data_path is None and not self.mock_data:
+            raise ValueError("--tokenizer-type NullTokenizer reads pre-tokenized data: give "
+                             "--data-path (the default corpus is byte-tokenized)")
         parse_split(self.split)
         if self.eval_iters < 0:
             raise ValueError(f"--eval-iters must be >= 0 (0 disables evaluation), got {self.eval_iters}")
@@ -111,6 +142,14 @@ class DataConfig:
                     if not os.path.isfile(prefix + suffix):
                         raise ValueError(f"--data-path {prefix}: missing file {prefix + suffix}; "
                                          "create it with tools/preprocess_data.py --output-prefix")
+                limit = build_tokenizer(self.tokenizer_type, self.vocab_size).vocab_size
+                top = max_token_id(prefix)
+                if top >= limit:
+                    hint = ("raise --vocab-size" if self.tokenizer_type == "NullTokenizer" else
+                            "it was not made by tools/preprocess_data.py: use --tokenizer-type "
+                            "NullTokenizer --vocab-size N")
+                    raise ValueError(f"--data-path {prefix}: token id {top} does not fit the "
+                                     f"vocabulary of {limit} ({self.tokenizer_type}); {hint}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DataConfig":
@@ -128,8 +167,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--split", default=d.split, help="train,valid,test document weights (default: %(default)s)")
     g.add_argument("--data-cache-path", default=d.data_cache_path,
                    help="directory for the default corpus and sample-index caches")
-    g.add_argument("--tokenizer-type", default=d.tokenizer_type, choices=BYTE_TOKENIZER_TYPES,
-                   help="tokenizer (default: %(default)s)")
+    g.add_argument("--tokenizer-type", default=d.tokenizer_type, choices=TOKENIZER_TYPES,
+                   help="tokenizer (default: %(default)s); NullTokenizer for data tokenized "
+                        "elsewhere, with --vocab-size")
+    g.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                   help="NullTokenizer: the data's ids are < N (eod = N, as in Megatron-LM)")
     g.add_argument("--mock-data", action="store_true", help="synthetic data (megatron MockGPTDataset)")
     g.add_argument("--eval-iters", type=int, default=d.eval_iters,
                    help="validation steps per evaluation, 0 disables (default: %(default)s)")
@@ -167,7 +209,7 @@ def build_gpt_datasets(config: DataConfig, seq_length: int, seed: int, train_sam
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-    tokenizer = build_tokenizer(config.tokenizer_type)
+    tokenizer = build_tokenizer(config.tokenizer_type, config.vocab_size)
     if config.mock_data:
         blend, split, cls = None, None, MockGPTDataset
     else:

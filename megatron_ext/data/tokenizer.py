@@ -1,4 +1,7 @@
-"""Byte-level tokenizer: ``ByteTokenizer`` (ids 0..255 are the UTF-8 bytes, 256 is end-of-document).
+"""Tokenizers: ``ByteTokenizer`` (ids 0..255 are the UTF-8 bytes, 256 is end-of-document) and
+``NullTokenizer`` (already tokenized data, e.g. Megatron-LM datasets made with a BPE tokenizer).
+
+Main API: :func:`build_tokenizer`.
 
 Why bytes: the default corpus and the tests must work with no download, and a byte vocabulary
 needs no merge table or model file. The class is duck-typed to what megatron-core's
@@ -12,11 +15,13 @@ token 0 with loss mask 0, so padding can never collide with a real byte or with 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy
 
 BYTE_TOKENIZER_TYPES = ("byte",)
+"""Tokenizers that turn text into ids (what tools/preprocess_data.py can use)."""
+TOKENIZER_TYPES = ("byte", "NullTokenizer")
 """Values accepted by ``--tokenizer-type``."""
 
 
@@ -79,11 +84,58 @@ class ByteTokenizer:
         return f"ByteTokenizer(vocab_size={self.vocab_size}, eod={self.eod})"
 
 
-def build_tokenizer(tokenizer_type: str = "byte") -> ByteTokenizer:
-    """Return the tokenizer named by ``--tokenizer-type``; only ``byte`` exists so far."""
+class NullTokenizer:
+    """Ids given by the data (pre-tokenized Megatron datasets); as Megatron-LM's
+    ``NullTokenizer``: ids < ``vocab_size`` are the data's, ``eod`` = ``vocab_size`` is one
+    extra id, so the model's vocabulary is ``vocab_size + 1``. Text in/out is ids as decimal
+    numbers separated by spaces."""
+
+    def __init__(self, vocab_size: int):
+        if not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"--vocab-size must be a positive integer, got {vocab_size!r}")
+        self.data_vocab_size = vocab_size
+        self.eod = vocab_size
+
+    @property
+    def eos(self) -> int:
+        return self.eod
+
+    @property
+    def vocab_size(self) -> int:
+        """Data ids + ``eod``."""
+        return self.data_vocab_size + 1
+
+    @property
+    def unique_identifiers(self) -> OrderedDict:
+        return OrderedDict(
+            [("class", f"{type(self).__module__}.{type(self).__qualname__}"),
+             ("vocab_size", self.vocab_size)]
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def __repr__(self) -> str:
+        return f"NullTokenizer(vocab_size={self.vocab_size}, eod={self.eod})"
+
+
+def build_tokenizer(tokenizer_type: str = "byte", vocab_size: Optional[int] = None):
+    """Return the tokenizer named by ``--tokenizer-type`` (``vocab_size``: NullTokenizer's)."""
+    if tokenizer_type == "NullTokenizer":
+        if vocab_size is None:
+            raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size N (the data's "
+                             "ids are < N; e.g. 50257 for GPT-2 BPE)")
+        return NullTokenizer(vocab_size)
     if tokenizer_type not in BYTE_TOKENIZER_TYPES:
         raise ValueError(
             f"--tokenizer-type {tokenizer_type!r} is not supported; use one of "
-            f"{list(BYTE_TOKENIZER_TYPES)} and preprocess the data with tools/preprocess_data.py"
+            f"{list(TOKENIZER_TYPES)} (byte: preprocess text with tools/preprocess_data.py; "
+            "NullTokenizer: data already tokenized, with --vocab-size)"
         )
+    if vocab_size is not None:
+        raise ValueError("--vocab-size is for --tokenizer-type NullTokenizer (the byte "
+                         "tokenizer's vocabulary is fixed at 257)")
     return ByteTokenizer()

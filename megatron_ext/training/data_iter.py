@@ -43,7 +43,7 @@ class TrainData:
         self.device = device
         self.cp_size = args.context_parallel_size
         self.local_seq_length = args.seq_length // self.cp_size
-        tokenizer = build_tokenizer(data_config.tokenizer_type)
+        tokenizer = build_tokenizer(data_config.tokenizer_type, data_config.vocab_size)
         self.vocab_size = tokenizer.vocab_size
         self.padded_vocab_size = padded_vocab_size(
             self.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
@@ -58,8 +58,9 @@ class TrainData:
         self.sampler = GlobalBatchSampler(
             len(self.train_ds), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
         self.consumed_samples = 0
-        source = "--data-path " + " ".join(data_config.data_path) if data_config.data_path else (
-            "mock data" if data_config.mock_data else "default corpus (Python stdlib sources, byte tokenizer)")
+        source = (f"--data-path {' '.join(data_config.data_path)} ({tokenizer!r})"
+                  if data_config.data_path else (
+            "mock data" if data_config.mock_data else "default corpus (Python stdlib sources, byte tokenizer)"))
         self.description = (f"{source}; {len(self.train_ds)} train samples of {args.seq_length} "
                             f"tokens; vocab {self.vocab_size} padded to {self.padded_vocab_size}")
 

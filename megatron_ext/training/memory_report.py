@@ -63,7 +63,7 @@ def print_memory_plan(args: argparse.Namespace, mem_cfg) -> None:
         return
     from megatron_ext.data.tokenizer import build_tokenizer
 
-    vocab_size = build_tokenizer(args.tokenizer_type).vocab_size
+    vocab_size = build_tokenizer(args.tokenizer_type, args.vocab_size).vocab_size
     model, layout = model_shape_and_layout(args, vocab_size)
     kw = mem_cfg.estimate_kwargs()
     est = estimate_memory(model, layout, **kw)
