@@ -313,3 +313,21 @@ def test_gpu_tma_and_cp_async_paths(shape, tma):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_linear(dtype):
     _run_linear((129, 2, 96, 80), dtype, "sbh", device="cuda")
+
+
+def test_tma_mode_decision():
+    from megatron_ext.kernels.wgrad_sample_norm_tuning import _tma_eligible, _tma_mode
+
+    x, dy = _make(9, 4, 64, 32, torch.bfloat16, "sbh")  # [s, b, h] contiguous
+    xs, ys = (4 * 64, 64, 1), (4 * 32, 32, 1)
+    assert _tma_eligible(x, xs, 64, 4) and _tma_eligible(dy, ys, 32, 4)
+    assert not _tma_eligible(x, (4 * 64, 64, 2), 64, 4)  # feature stride
+    assert not _tma_eligible(x, (64, 9 * 64, 1), 64, 4)  # [b, s, h]: samples not side by side
+    x_odd = torch.empty(9, 4, 20, dtype=torch.bfloat16)  # 40-byte sample rows
+    assert not _tma_eligible(x_odd, (80, 20, 1), 20, 4)
+    # CPU / interpreter: auto keeps cp.async (one config), True forces TMA, False never
+    assert _tma_mode(x, dy, xs, ys, 4, 64, 32, None, interpreted=True) == 0
+    assert _tma_mode(x, dy, xs, ys, 4, 64, 32, True, interpreted=True) == 1
+    assert _tma_mode(x, dy, xs, ys, 4, 64, 32, False, interpreted=True) == 0
+    with pytest.raises(ValueError, match="tma=True needs contiguous"):
+        _tma_mode(x_odd, dy, (80, 20, 1), ys, 4, 20, 32, True, interpreted=True)
