@@ -125,9 +125,9 @@ def build_model(
         position_embedding_type=args.position_embedding_type,
         rotary_base=args.rotary_base,
     )
-    init_weights_by_name(model, config, args.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     model.to(device)
+    init_weights_by_name(model, config, args.seed)  # drawn where the model lives (fast on GPU)
     wrapped = Float16Module(config, model) if (args.bf16 or args.fp16) else model
     ddp = DistributedDataParallel(
         config,
@@ -173,6 +173,8 @@ def init_weights_by_name(model: GPTModel, config: TransformerConfig, seed: int) 
     Same distributions as Megatron: normal(0, std) for matrices and embeddings,
     normal(0, std / sqrt(2 * num_layers)) for the output projections of attention and MLP
     (GPT-2's scaled init), zeros for biases, ones (zeros if zero-centred) for norm weights.
+    Values are drawn on the parameters' device with that device's generator, so a GPU run
+    starts from other (but again layout-independent) weights than a CPU run of the same seed.
     """
     tp_rank = ps.get_tensor_model_parallel_rank()
     tp_size = ps.get_tensor_model_parallel_world_size()
@@ -187,16 +189,18 @@ def init_weights_by_name(model: GPTModel, config: TransformerConfig, seed: int) 
             sharded = getattr(param, "tensor_model_parallel", False)
             if sharded:
                 full_shape[param.partition_dim] *= tp_size
-            gen = torch.Generator().manual_seed(
+            dev = param.device
+            gen = torch.Generator(device=dev).manual_seed(
                 (seed * 1_000_003 + zlib.crc32(canon.encode())) % (2**63)
             )
             if canon.endswith("bias"):
-                full = torch.zeros(full_shape)
+                full = torch.zeros(full_shape, device=dev)
             elif param.dim() == 1:  # norm weights
-                full = torch.zeros(full_shape) if config.layernorm_zero_centered_gamma else torch.ones(full_shape)
+                fill = torch.zeros if config.layernorm_zero_centered_gamma else torch.ones
+                full = fill(full_shape, device=dev)
             else:
                 sigma = scaled_std if _SCALED_INIT.search(canon) else std
-                full = torch.empty(full_shape).normal_(0.0, sigma, generator=gen)
+                full = torch.empty(full_shape, device=dev).normal_(0.0, sigma, generator=gen)
             if sharded:
                 full = _tp_shard(full, param.partition_dim, getattr(param, "partition_stride", 1), tp_rank, tp_size)
             param.copy_(full.to(param.dtype))
