@@ -56,6 +56,14 @@ class _StopRequest:
         return self.requested
 
 
+def _optimizer_impl(optimizer) -> str:
+    """Which Adam/SGD megatron-core picked (Transformer Engine's or apex's fused one when
+    importable, else torch's), e.g. "torch.optim.adamw.AdamW"."""
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    inner = getattr(chained[0], "optimizer", chained[0])
+    return f"{type(inner).__module__}.{type(inner).__qualname__}"
+
+
 def _check_save_dir(path: str) -> None:
     """Create --save now and write a probe file, so that a bad path fails before training
     rather than at the first checkpoint (every rank writes its shards there)."""
@@ -259,6 +267,7 @@ def train(args: argparse.Namespace, cfgs: Dict[str, Any]) -> int:
         f"> megatron_ext: {device.upper()} ({torch.distributed.get_backend()}), world {world} = "
         f"TP {args.tensor_model_parallel_size} x PP {args.pipeline_model_parallel_size} x "
         f"CP {args.context_parallel_size} x DP {dp}; core attention: {attention_desc}; "
+        f"optimizer: {_optimizer_impl(optimizer)}; "
         f"parameters on rank 0: {n_params / 1e6:.2f} M; {ext.describe()}"
     )
     print_rank_0(f"> data: {data.description}")
