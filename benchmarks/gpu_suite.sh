@@ -7,7 +7,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 -d .whl megatron-core==0.16.1 psutil
-# Then: device run, carry [".whl"], command "bash benchmarks/gpu_suite.sh [quick]".
+# Then: device run, carry [".whl"], command "bash benchmarks/gpu_suite.sh [quick|growth]"
+# (growth: the batch-growth experiment of issue 6 alone, a second 10-minute call).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -21,6 +22,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, triton, megatron.core as m; print('torch', torch.__version__, 'triton', triton.__version__, 'mcore', m.__version__)" | tee -a "$OUT/device.txt"
 
 QUICK=${1:-}
+if [ "$QUICK" = growth ]; then
+  # Issue 6 on its own device call: batch growth vs fixed batches at equal tokens, small
+  # model, real text (all ~12 MB of the Python stdlib, byte tokens; < 1 epoch at 32768 x 256).
+  python3 examples/experiment_batch_growth.py --out-dir "$OUT/growth" --nproc 1 \
+    --train-samples 32768 --fixed-batches 16,32,64,128 --initial-batch 16 --max-batch 256 \
+    --bf16 --num-layers 6 --hidden-size 512 --num-attention-heads 8 --seq-length 256 \
+    --max-position-embeddings 256 --micro-batch-size 16 --lr 1e-3 --lr-warmup-samples 2048 \
+    --default-corpus-mb 13 --eval-interval 100000 \
+    2>&1 | tee "$OUT/growth.log" | tail -15
+  exit 0
+fi
 # 1. GPU tests: the real Triton kernels and SDPA attention on CUDA (CPU-only tests skip/cheap).
 python3 -m pytest -q -x tests/test_kernel_wgrad_sample_norm.py tests/test_kernel_norm_param_sample_norm.py \
   tests/test_attention.py tests/test_gns_triton.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -3

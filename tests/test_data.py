@@ -193,7 +193,7 @@ def test_data_config_validation_and_flags(corpus, tmp_path):
     with pytest.raises(ValueError, match="exclude each other"):
         DataConfig(data_path=[a], mock_data=True)
     for bad in ({"split": "a,b"}, {"split": "0,0,0"}, {"split": "1,1,1,1"}, {"tokenizer_type": "gpt2"},
-                {"eval_iters": -1}, {"eval_interval": 0}):
+                {"eval_iters": -1}, {"eval_interval": 0}, {"default_corpus_mb": 0}):
         with pytest.raises(ValueError):
             DataConfig(**bad)
     with pytest.raises(ValueError, match="weights must be > 0"):
@@ -203,6 +203,17 @@ def test_data_config_validation_and_flags(corpus, tmp_path):
     cfg = DataConfig.from_args(args)
     assert cfg.data_path == ["1", a, "2", a] and cfg.split == "9,1,0" and cfg.eval_iters == 3
     assert DataConfig.from_args(parser.parse_args([])) == DataConfig()
+
+
+def test_default_corpus_size_flag(tmp_path):
+    parser = add_data_args(argparse.ArgumentParser())
+    cfg = DataConfig.from_args(parser.parse_args(["--default-corpus-mb", "0.3",
+                                                  "--data-cache-path", str(tmp_path)]))
+    train, _, _ = build_gpt_datasets(cfg, 64, 0, 100, 0, 0)
+    assert len(train) >= 100
+    (built,) = [p for p in (tmp_path / "stdlib_corpus").iterdir() if p.suffix == ".bin"]
+    tokens = built.stat().st_size // 2  # uint16 ids: bytes + one eod per file
+    assert "_300000_" in built.name and 250_000 < tokens <= 301_000
 
 
 def test_mock_data():

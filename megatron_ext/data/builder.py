@@ -111,6 +111,9 @@ class DataConfig:
     Megatron-LM), so the model's vocabulary is vocab_size + 1 before padding."""
     mock_data: bool = False
     """Use megatron's synthetic MockGPTDataset instead of real text (for benchmarking)."""
+    default_corpus_mb: float = 4.0
+    """Without --data-path: size cap of the Python-stdlib corpus in MB (= byte tokens); the
+    whole stdlib is ~12 MB. Each size is built once and cached separately."""
     eval_iters: int = 10
     """Validation steps per evaluation (0 disables evaluation)."""
     eval_interval: int = 100
@@ -125,6 +128,9 @@ class DataConfig:
             raise ValueError("--tokenizer-type NullTokenizer reads pre-tokenized data: give "
                              "--data-path (the default corpus is byte-tokenized)")
         parse_split(self.split)
+        if not self.default_corpus_mb > 0:
+            raise ValueError(f"--default-corpus-mb must be > 0 (MB of stdlib sources), got "
+                             f"{self.default_corpus_mb}")
         if self.eval_iters < 0:
             raise ValueError(f"--eval-iters must be >= 0 (0 disables evaluation), got {self.eval_iters}")
         if self.eval_interval <= 0:
@@ -177,6 +183,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, default=d.vocab_size,
                    help="NullTokenizer: the data's ids are < N (eod = N, as in Megatron-LM)")
     g.add_argument("--mock-data", action="store_true", help="synthetic data (megatron MockGPTDataset)")
+    g.add_argument("--default-corpus-mb", type=float, default=d.default_corpus_mb,
+                   help="without --data-path: MB of Python stdlib sources to train on "
+                        "(default: %(default)s; all of it is ~12)")
     g.add_argument("--eval-iters", type=int, default=d.eval_iters,
                    help="validation steps per evaluation, 0 disables (default: %(default)s)")
     g.add_argument("--eval-interval", type=int, default=d.eval_interval,
@@ -196,7 +205,7 @@ def default_corpus_prefix(config: DataConfig, max_bytes: int = 4_000_000) -> str
 def build_gpt_datasets(config: DataConfig, seq_length: int, seed: int, train_samples: int,
                        valid_samples: int, test_samples: int, *, create_attention_mask: bool = False,
                        is_built_on_rank: Optional[Callable[[], bool]] = None,
-                       default_corpus_max_bytes: int = 4_000_000) -> tuple:
+                       default_corpus_max_bytes: Optional[int] = None) -> tuple:
     """Return ``(train_ds, valid_ds, test_ds)``; call it on every rank.
 
     Each dataset has at least the requested number of samples (a single-prefix GPTDataset
@@ -217,6 +226,8 @@ def build_gpt_datasets(config: DataConfig, seq_length: int, seed: int, train_sam
     if config.mock_data:
         blend, split, cls = None, None, MockGPTDataset
     else:
+        if default_corpus_max_bytes is None:
+            default_corpus_max_bytes = int(config.default_corpus_mb * 1e6)
         data_path = config.data_path or [default_corpus_prefix(config, default_corpus_max_bytes)]
         blend, split, cls = parse_blend(data_path), config.split, GPTDataset
     gpt_config = GPTDatasetConfig(

@@ -60,7 +60,9 @@ class TrainData:
         self.consumed_samples = 0
         source = (f"--data-path {' '.join(data_config.data_path)} ({tokenizer!r})"
                   if data_config.data_path else (
-            "mock data" if data_config.mock_data else "default corpus (Python stdlib sources, byte tokenizer)"))
+            "mock data" if data_config.mock_data else
+            f"default corpus ({data_config.default_corpus_mb:g} MB of Python stdlib sources, "
+            "byte tokenizer)"))
         self.description = (f"{source}; {len(self.train_ds)} train samples of {args.seq_length} "
                             f"tokens; vocab {self.vocab_size} padded to {self.padded_vocab_size}")
 
