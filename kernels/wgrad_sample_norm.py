@@ -48,7 +48,7 @@ from .wgrad_sample_norm_reference import (  # noqa: F401  (re-exported)
     _sample_strides,
     wgrad_sample_norms_reference,
 )
-from .wgrad_sample_norm_tuning import (  # noqa: F401  (_gpu_configs: tools/compile_kernels.py)
+from .wgrad_sample_norm_tuning import (
     _config,
     _ensure_tma_allocator,
     _gpu_configs,
@@ -304,8 +304,9 @@ def wgrad_sample_norms(
         return wgrad_sample_norms_reference(x, dy, layout, main_grad=main_grad, compute_bias=compute_bias)
     (sxs, sxb, sxh), _ = _sample_strides(x, layout)
     (sys_, syb, syh), _ = _sample_strides(dy, layout)
+    interpreted = kernel_is_interpreted()
     tma_mode = _tma_mode(x, dy, (sxs, sxb, sxh), (sys_, syb, syh), b, d_in, d_out, tma,
-                         interpreted=kernel_is_interpreted())
+                         interpreted=interpreted)
     if tma_mode and x.is_cuda:
         _ensure_tma_allocator()
     dev = x.device
@@ -337,10 +338,10 @@ def wgrad_sample_norms(
         HAS_BIAS=compute_bias,
         DOT_PRECISION=_dot_precision(x.dtype),
         # Triton 3.9's interpreter multiplies bf16 tiles as raw uint16 (see the kernel).
-        UPCAST_DOT=kernel_is_interpreted() and x.dtype == torch.bfloat16,
+        UPCAST_DOT=interpreted and x.dtype == torch.bfloat16,
         NORMS=compute_norms,
         TMA_MODE=tma_mode,
-        **({"USE_TMA": tma_mode == 1} if kernel_is_interpreted() else {}),
+        **({"USE_TMA": tma_mode == 1} if interpreted else {}),
     )
     if main_grad is None and out.dtype != x.dtype:
         out = out.to(x.dtype)

@@ -69,11 +69,9 @@ def max_token_id(prefix: str, max_tokens: int = 1 << 20) -> int:
     the data fits the vocabulary: a too-small one fails later inside the embedding)."""
     import numpy
 
-    with open(prefix + ".idx", "rb") as f:
-        header = f.read(18)
-    code = header[17] if len(header) == 18 and header.startswith(b"MMIDIDX") else None
+    code, _ = _idx_header(prefix)
     if code not in _DTYPE_CODES:
-        raise ValueError(f"--data-path: {prefix}.idx is not a Megatron indexed dataset index")
+        raise ValueError(f"--data-path: {prefix}.idx has unknown token dtype code {code}")
     dtype = numpy.dtype(_DTYPE_CODES[code])
     n = min(max_tokens, os.path.getsize(prefix + ".bin") // dtype.itemsize)
     if n == 0:
@@ -81,13 +79,18 @@ def max_token_id(prefix: str, max_tokens: int = 1 << 20) -> int:
     return int(numpy.memmap(prefix + ".bin", dtype=dtype, mode="r", shape=(n,)).max())
 
 
-def indexed_dataset_num_sequences(prefix: str) -> int:
-    """Sequence (= document, as our preprocessors write them) count from an ``.idx`` header."""
+def _idx_header(prefix: str) -> Tuple[int, int]:
+    """(token dtype code, sequence count) from an ``.idx`` header."""
     with open(prefix + ".idx", "rb") as f:
         header = f.read(34)  # 9 magic + 8 version + 1 dtype code + 8 sequence count + 8 docs
     if len(header) < 34 or not header.startswith(b"MMIDIDX"):
         raise ValueError(f"--data-path: {prefix}.idx is not a Megatron indexed dataset index")
-    return struct.unpack("<Q", header[18:26])[0]
+    return header[17], struct.unpack("<Q", header[18:26])[0]
+
+
+def indexed_dataset_num_sequences(prefix: str) -> int:
+    """Sequence (= document, as our preprocessors write them) count from an ``.idx`` header."""
+    return _idx_header(prefix)[1]
 
 
 @dataclass
@@ -123,7 +126,7 @@ class DataConfig:
         if self.tokenizer_type not in TOKENIZER_TYPES:
             raise ValueError(f"--tokenizer-type {self.tokenizer_type!r} is not supported; use "
                              f"one of {list(TOKENIZER_TYPES)}")
-        build_tokenizer(self.tokenizer_type, self.vocab_size)  # flag-pair checks
+        tokenizer = build_tokenizer(self.tokenizer_type, self.vocab_size)  # flag-pair checks
         if self.tokenizer_type == "NullTokenizer" and self.data_path is None and not self.mock_data:
             raise ValueError("--tokenizer-type NullTokenizer reads pre-tokenized data: give "
                              "--data-path (the default corpus is byte-tokenized)")
@@ -151,7 +154,7 @@ class DataConfig:
                                          "create it with tools/preprocess_data.py --output-prefix")
             # Vocabulary check on the first 1M tokens of at most ~64 files (spread over the
             # blend): cheap at startup even for blends of thousands of shards.
-            limit = build_tokenizer(self.tokenizer_type, self.vocab_size).vocab_size
+            limit = tokenizer.vocab_size
             for prefix in prefixes[::max(1, len(prefixes) // 32)]:
                 top = max_token_id(prefix)
                 if top >= limit:

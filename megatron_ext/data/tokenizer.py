@@ -25,7 +25,24 @@ TOKENIZER_TYPES = ("byte", "NullTokenizer")
 """Values accepted by ``--tokenizer-type``."""
 
 
-class ByteTokenizer:
+class _MegatronTokenizer:
+    """What megatron-core's datasets read besides ``vocab_size`` and ``eod`` (subclasses)."""
+
+    @property
+    def eos(self) -> int:
+        """Alias of ``eod`` (megatron checks both for pad collisions)."""
+        return self.eod
+
+    @property
+    def unique_identifiers(self) -> OrderedDict:
+        """Identifies the tokenizer in megatron's dataset cache hashes (must be JSON-able)."""
+        return OrderedDict(
+            [("class", f"{type(self).__module__}.{type(self).__qualname__}"),
+             ("vocab_size", self.vocab_size)]
+        )
+
+
+class ByteTokenizer(_MegatronTokenizer):
     """UTF-8 byte tokenizer with one special token, ``eod`` = 256; ``vocab_size`` = 257.
 
     The model pads the embedding to a multiple of its own choosing; ids >= 257 that a model may
@@ -37,22 +54,9 @@ class ByteTokenizer:
     """End-of-document id, appended after every document by the preprocessors."""
 
     @property
-    def eos(self) -> int:
-        """Alias of ``eod`` (megatron checks both for pad collisions)."""
-        return self.eod
-
-    @property
     def vocab_size(self) -> int:
         """256 byte ids + ``eod``."""
         return self.num_bytes + 1
-
-    @property
-    def unique_identifiers(self) -> OrderedDict:
-        """Identifies the tokenizer in megatron's dataset cache hashes (must be JSON-able)."""
-        return OrderedDict(
-            [("class", f"{type(self).__module__}.{type(self).__qualname__}"),
-             ("vocab_size", self.vocab_size)]
-        )
 
     @property
     def vocab(self) -> dict:
@@ -84,7 +88,7 @@ class ByteTokenizer:
         return f"ByteTokenizer(vocab_size={self.vocab_size}, eod={self.eod})"
 
 
-class NullTokenizer:
+class NullTokenizer(_MegatronTokenizer):
     """Ids given by the data (pre-tokenized Megatron datasets); as Megatron-LM's
     ``NullTokenizer``: ids < ``vocab_size`` are the data's, ``eod`` = ``vocab_size`` is one
     extra id, so the model's vocabulary is ``vocab_size + 1``. Text in/out is ids as decimal
@@ -97,20 +101,9 @@ class NullTokenizer:
         self.eod = vocab_size
 
     @property
-    def eos(self) -> int:
-        return self.eod
-
-    @property
     def vocab_size(self) -> int:
         """Data ids + ``eod``."""
         return self.data_vocab_size + 1
-
-    @property
-    def unique_identifiers(self) -> OrderedDict:
-        return OrderedDict(
-            [("class", f"{type(self).__module__}.{type(self).__qualname__}"),
-             ("vocab_size", self.vocab_size)]
-        )
 
     def tokenize(self, text: str) -> list[int]:
         return [int(t) for t in text.split()]

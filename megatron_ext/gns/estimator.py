@@ -140,9 +140,8 @@ class GNSEstimator:
         self.tokens_seen += int(tokens)
 
     def _skip_step(self, tokens: int) -> None:
-        # Tokens are consumed by training even when the measurement is unusable, so the
-        # x axis (tokens) keeps advancing.
-        self.tokens_seen += int(tokens)
+        # Tokens are consumed by training even when the measurement is unusable.
+        self.advance_tokens(tokens)
         self.num_skipped_steps += 1
         return None
 

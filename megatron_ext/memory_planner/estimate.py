@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict
+from typing import Dict, Optional
 
 from .shapes import ModelShape, ParallelLayout
 
@@ -235,7 +235,7 @@ def estimate_memory(model: ModelShape, layout: ParallelLayout, dtype_bytes: int 
                     grad_bytes: int = 4, include_optimizer: bool = True,
                     overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
                     fragmentation: float = DEFAULT_FRAGMENTATION,
-                    block_slack: bool = None) -> MemoryEstimate:
+                    block_slack: Optional[bool] = None) -> MemoryEstimate:
     """Predicted peak memory per GPU (the largest pipeline stage).
 
     dtype_bytes: bytes of the model weights/activations (2 = bf16/fp16, 4 = fp32).
