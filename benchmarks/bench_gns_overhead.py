@@ -5,14 +5,20 @@ Usage:
         [--seq-length 8192] [--micro-batch-size 1 --micro-batches 2]
         [--attention-backend auto] [--steps 10 --warmup 3] [--out gns_overhead.json]
 
-One GPU, one process. Builds one bf16 GPTModel (Megatron DDP + mixed-precision Adam) whose
-layer spec uses the GNS layers (`megatron_ext.gns.layers`), and times full training steps
-(forward/backward over --micro-batches micro-batches via Megatron's schedule, finalize,
-optimizer) alternately with the tracker measuring ("on": fused wgrad + per-sample-norm
-kernel, norm/bias per-sample grads, end_step reductions) and not measuring ("off": the very
-same modules run megatron-core's own code path). Alternating on/off steps in one run keeps
-clocks, allocator state and data identical. Reports median step times and on/off
-(target <= 1.02), plus peak memory of each mode.
+One GPU, one process. The model is the product's: the flags above become pretrain_gpt.py's
+(`product_flags`, no biases unless --add-bias-linear, untied output layer, --vocab rows
+unpadded, --bf16 on GPU, --gns), parsed into a JobConfig (`parse_job`) and built like the
+training loop builds it: `initialize_megatron`, `GNSComponent` (its layer spec puts the GNS
+layers into the model), `build_gpt`, `GNSComponent.attach`, `build_optimizer` (Megatron DDP +
+mixed-precision Adam). A step is the loop's (`session.run_step`'s order): megatron's
+forward/backward schedule over --micro-batches micro-batches with the product's per-token
+`loss_func`, finalize, optimizer. Steps alternate between measuring ("on": the component's
+`on_step_start` / `after_backward` hooks run, i.e. fused wgrad + per-sample-norm kernel,
+norm/bias per-sample grads, the estimator update) and not measuring ("off": no hooks, so the
+very same modules run megatron-core's own code path, as on the unmeasured steps of
+--gns-measure-interval). Alternating on/off steps (ABBA order) in one run keeps clocks,
+allocator state and data identical. Reports median step times and on/off (target <= 1.02),
+plus peak memory of each mode.
 
 Without CUDA it prints a message and exits 0 (`--cpu-smoke` runs a tiny model on CPU
 through the same code, to check the script itself).
@@ -22,10 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -37,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--ffn", type=int, default=8192)
-    p.add_argument("--vocab", type=int, default=50304)
+    p.add_argument("--vocab", type=int, default=50304, help="embedding rows (not padded further)")
     p.add_argument("--seq-length", type=int, default=8192)
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--micro-batches", type=int, default=2,
@@ -57,117 +63,90 @@ def parse_args(argv=None):
     return args
 
 
-def init_single_process(cpu: bool):
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo" if cpu else "nccl", init_method=f"tcp://127.0.0.1:{port}",
-                                rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(1234)
-
-
-def build(args, core_attention):
-    from megatron.core.distributed import DistributedDataParallel as DDP
-    from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer.module import Float16Module
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from megatron_ext.gns import GNSConfig
-    from megatron_ext.gns.layers import gns_layer_spec_kwargs
-    from megatron_ext.gns.tracker import GNSTracker
-    from megatron_ext.model.layer_spec import get_gpt_block_spec, get_gpt_layer_spec
-
-    bf16 = not args.cpu_smoke
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    cfg = TransformerConfig(
-        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        ffn_hidden_size=args.ffn, add_bias_linear=args.add_bias_linear, bf16=bf16,
-        params_dtype=dtype, pipeline_dtype=dtype, attention_dropout=0.0, hidden_dropout=0.0,
-        masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        gradient_accumulation_fusion=False, persist_layer_norm=False,
-        use_cpu_initialization=args.cpu_smoke)
-    kw = gns_layer_spec_kwargs()
-    spec = get_gpt_block_spec(cfg, get_gpt_layer_spec(core_attention=core_attention, **kw),
-                              norm=kw["norm"])
-    model = GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=args.vocab,
-                     max_sequence_length=args.seq_length, position_embedding_type="rope")
-    if bf16:
-        model = Float16Module(cfg, model)
-    ddp = DDP(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, bf16=bf16,
-                                                 params_dtype=dtype, clip_grad=1.0), [ddp])
-    tracker = GNSTracker(GNSConfig(gns=True), [ddp])
-    cfg.finalize_model_grads_func = tracker.wrap_finalize_model_grads(finalize_model_grads)
-    return ddp, opt, tracker
+def product_flags(args) -> list:
+    """The benchmarked job as pretrain_gpt.py's command line."""
+    flags = ["--num-layers", args.layers, "--hidden-size", args.hidden,
+             "--num-attention-heads", args.heads, "--ffn-hidden-size", args.ffn,
+             "--seq-length", args.seq_length, "--micro-batch-size", args.micro_batch_size,
+             "--global-batch-size", args.micro_batches * args.micro_batch_size,
+             "--make-vocab-size-divisible-by", 1, "--attention-backend", args.attention_backend,
+             "--untie-embeddings-and-output-weights", "--gns"]
+    flags += [] if args.add_bias_linear else ["--disable-bias-linear"]
+    flags += [] if args.cpu_smoke else ["--bf16"]
+    return [str(f) for f in flags]
 
 
-def make_step(args, ddp, opt, tracker, device):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+class Bench:
+    """The product's GPT with the GNS component, its optimizer and a train state."""
 
-    M, b, s = args.micro_batches, args.micro_batch_size, args.seq_length
-    data = torch.randint(0, args.vocab, (M, b, s + 1), device=device)
-    pos = torch.arange(s, device=device).unsqueeze(0).expand(b, -1)
-    fb = get_forward_backward_func()
+    def __init__(self, args):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    def fwd(it, model):
-        batch = next(it)
-        out = model(batch[:, :-1], pos, None, labels=batch[:, 1:])  # [b, s] per-token losses
+        from megatron_ext.gns.component import GNSComponent
+        from megatron_ext.training.data import loss_func
+        from megatron_ext.training.initialize import initialize_megatron
+        from megatron_ext.training.job import check_machine, parse_job
+        from megatron_ext.training.model import build_gpt, build_optimizer
+        from megatron_ext.training.state import TrainState
 
-        def loss_fn(t):
-            loss = t.float().mean()
-            return loss, {"lm loss": loss.detach()}
-        return out, loss_fn
+        self.job = job = parse_job(product_flags(args), world_size=1)
+        check_machine(job)
+        self.device = torch.device(initialize_megatron(job))
+        self.gns = GNSComponent(job.gns)  # first: the model's layer spec carries its recorder
+        padded_vocab = job.model_shape(args.vocab).padded_vocab(job.tp)
+        self.built = build_gpt(job, padded_vocab, self.gns.model_options())
+        self.gns.attach([self.built.ddp], self.built.config)
+        self.optimizer = build_optimizer(job, self.built.config, self.built.ddp)
+        t = job.training
+        self.state = TrainState(job.model.seq_length, t.global_batch_size, t.micro_batch_size,
+                                job.data_parallel_size)
+        self.forward_backward = get_forward_backward_func()
+        M, b, s = job.num_microbatches, t.micro_batch_size, job.model.seq_length
+        self.micro_batches = list(torch.randint(0, args.vocab, (M, b, s + 1), device=self.device))
+        self.positions = torch.arange(s, device=self.device).unsqueeze(0).expand(b, -1)
+        self.loss = partial(loss_func, torch.ones(b, s, device=self.device))  # every token
 
-    def step(measure: bool):
+    def forward_step(self, data_iterator, model):
+        tokens = next(data_iterator)
+        output = model(tokens[:, :-1], self.positions, None, labels=tokens[:, 1:])
+        return output, self.loss  # the product's per-token loss (sum and token count)
+
+    def step(self, measure: bool):
+        """One optimizer step in the loop's order; the GNS hooks run only when measuring."""
+        ddp, state = self.built.ddp, self.state
         ddp.zero_grad_buffer()
-        opt.zero_grad()
+        self.optimizer.zero_grad()
         if measure:
-            tracker.begin_step(M, b)
-        fb(forward_step_func=fwd, data_iterator=iter(list(data)), model=[ddp],
-           num_microbatches=M, seq_length=s, micro_batch_size=b, forward_only=False)
-        m = tracker.end_step(tokens=M * b * s) if measure else None
-        opt.step()
-        return m
-
-    return step
+            self.gns.on_step_start(state)
+        self.forward_backward(
+            forward_step_func=self.forward_step, data_iterator=iter(self.micro_batches),
+            model=[ddp], num_microbatches=len(self.micro_batches), seq_length=state.seq_length,
+            micro_batch_size=state.micro_batch_size, forward_only=False)
+        if measure:
+            self.gns.after_backward(state)
+        self.optimizer.step()
+        state.advance()
+        return self.gns.last if measure else None
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available() and not args.cpu_smoke:
+    if args.cpu_smoke:  # the product builders take the GPU whenever they see one
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif not torch.cuda.is_available():
         print("bench_gns_overhead: needs a CUDA GPU (--cpu-smoke checks the script); skipping.")
         return 0
-    if args.cpu_smoke:
-        from megatron_ext.cpu_backend import enable_cpu_backend
-
-        enable_cpu_backend()
-    init_single_process(cpu=args.cpu_smoke)
-    from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
-
     from megatron_ext.kernels import kernel_backend
-    from megatron_ext.model.attention import get_core_attention
-    from megatron_ext.model.attention_config import AttentionConfig
 
-    init_num_microbatches_calculator(0, None, args.micro_batches * args.micro_batch_size,
-                                     args.micro_batch_size, 1)
-    core_attention, desc = get_core_attention(AttentionConfig(attention_backend=args.attention_backend))
-    device = torch.device("cpu") if args.cpu_smoke else torch.device("cuda", torch.cuda.current_device())
-    ddp, opt, tracker = build(args, core_attention)
-    step = make_step(args, ddp, opt, tracker, device)
+    bench = Bench(args)
+    device = bench.device
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    print(f"core attention: {desc}; wgrad kernel backend: "
-          f"{kernel_backend(torch.empty(0, device=device))}", flush=True)
+    print(f"core attention: {bench.built.attention}; wgrad kernel backend: "
+          f"{kernel_backend(torch.empty(0, device=device))}; {bench.gns.describe()}", flush=True)
     for _ in range(args.warmup):  # Triton autotuning happens in the first "on" steps
-        step(False)
-        step(True)
+        bench.step(False)
+        bench.step(True)
     sync()
     times = {False: [], True: []}
     peak = {False: 0, True: 0}
@@ -177,14 +156,15 @@ def main(argv=None) -> int:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        m = step(measure)
+        m = bench.step(measure)
         sync()
         times[measure].append(time.perf_counter() - t0)
         if cuda:
             peak[measure] = max(peak[measure], torch.cuda.max_memory_allocated())
         last = m or last
     off, on = statistics.median(times[False]), statistics.median(times[True])
-    res = dict(config=vars(args), core_attention=desc, step_s_off=off, step_s_on=on,
+    res = dict(config=vars(args), product_flags=product_flags(args),
+               core_attention=bench.built.attention, step_s_off=off, step_s_on=on,
                ratio_on_off=on / off, peak_mem_gib_off=peak[False] / 2**30,
                peak_mem_gib_on=peak[True] / 2**30, times_off=times[False], times_on=times[True],
                last_measurement=last.to_dict() if last is not None else None)

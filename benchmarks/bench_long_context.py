@@ -8,16 +8,22 @@ Usage:
 
 One GPU, one process (torch.distributed with world size 1). For each recompute mode and each
 sequence length (doubling from 4k until a step runs out of memory or --max-seq-length), it
-builds megatron-core's GPTModel with our layer spec (SPNorm, flash/SDPA core attention, RoPE),
-in bf16 (``Float16Module``) with Megatron's DDP and mixed-precision Adam (fp32 main params),
-times forward + backward + optimizer steps (micro-batch --micro-batch-size, median of --steps
-after --warmup) and records tokens/s, model TFLOP/s, MFU against --peak-tflops (H100 SXM bf16
-dense: 989) and ``torch.cuda.max_memory_allocated``. Prints a markdown table and writes JSON.
+builds the product's model: the flags become pretrain_gpt.py's (`product_flags`: no biases,
+untied output layer, --vocab rows unpadded, --bf16 on GPU, --recompute-granularity),
+parsed into a JobConfig (`parse_job`), and `build_gpt` / `build_optimizer` build
+megatron-core's GPTModel with our layer spec (SPNorm, flash/SDPA core attention, RoPE),
+``Float16Module``, Megatron's DDP and mixed-precision Adam (fp32 main params), after one
+`initialize_megatron`. It times training steps as the loop runs them (megatron's
+forward/backward schedule with the product's per-token `loss_func`, finalize, optimizer;
+micro-batch --micro-batch-size, median of --steps after --warmup) and records tokens/s,
+model TFLOP/s, MFU against --peak-tflops (H100 SXM bf16 dense: 989) and
+``torch.cuda.max_memory_allocated``. Prints a markdown table and writes JSON.
 
-Model FLOPs per token (no recompute counted, causal attention counts half the scores; the
-usual "3 x forward" for training, Narayanan et al. 2021 https://arxiv.org/abs/2104.04473):
-    forward = L * (2h(h_q + 2 h_kv) + 2 h_q h + 2 s h_q + 2 n_mlp h f) + 2 h V
-with h_q = heads * hn, h_kv = groups * hn, n_mlp = 2 (GELU) or 3 (SwiGLU).
+Model FLOPs come from `megatron_ext.cost_model.ModelShape.flops_per_sample` (Megatron-LM's
+count: no recompute, causal attention counts half the scores, training = 3 x forward;
+Narayanan et al. 2021 https://arxiv.org/abs/2104.04473) of the job's shape
+(`JobConfig.model_shape`); the same shape and the job's layout (`memory_report.parallel_layout`)
+give the memory planner's prediction.
 
 On a machine without CUDA it prints a message and exits 0 (``--cpu-smoke`` instead runs a tiny
 model on CPU through the same code, to check the script itself).
@@ -28,10 +34,10 @@ import argparse
 import gc
 import json
 import os
-import socket
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -52,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--query-groups", type=int, default=None, help="GQA groups (default: heads)")
     p.add_argument("--ffn", type=int, default=8192)
     p.add_argument("--swiglu", action="store_true")
-    p.add_argument("--vocab", type=int, default=50304)
+    p.add_argument("--vocab", type=int, default=50304, help="embedding rows (not padded further)")
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -67,126 +73,91 @@ def parse_args(argv=None):
     return args
 
 
-def flops_per_token(args, seq: int) -> float:
-    """Model (not hardware) training FLOPs per token, see the module docstring."""
-    hn = args.hidden // args.heads
-    h_q, h_kv = args.heads * hn, (args.query_groups or args.heads) * hn
-    n_mlp = 3 if args.swiglu else 2
-    layer = (
-        2 * args.hidden * (h_q + 2 * h_kv)  # QKV projection
-        + 2 * h_q * args.hidden  # output projection
-        + 2 * seq * h_q  # QK^T and PV: 2 * 2 * s * h_q halved by the causal mask
-        + 2 * n_mlp * args.hidden * args.ffn  # MLP
-    )
-    return 3.0 * (args.layers * layer + 2 * args.hidden * args.vocab)
+def product_flags(args, seq: int, recompute: str) -> list:
+    """One (sequence length, recompute mode) of the sweep as pretrain_gpt.py's command line."""
+    valued = {"--num-layers": args.layers, "--hidden-size": args.hidden,
+              "--num-attention-heads": args.heads, "--num-query-groups": args.query_groups,
+              "--ffn-hidden-size": args.ffn, "--seq-length": seq,
+              "--micro-batch-size": args.micro_batch_size, "--make-vocab-size-divisible-by": 1,
+              "--attention-backend": args.attention_backend,
+              "--recompute-granularity": None if recompute == "none" else recompute}
+    switches = {"--disable-bias-linear": True, "--untie-embeddings-and-output-weights": True,
+                "--swiglu": args.swiglu, "--bf16": not args.cpu_smoke}
+    return ([str(x) for flag, v in valued.items() if v is not None for x in (flag, v)]
+            + [flag for flag, on in switches.items() if on])
 
 
-def init_single_process(cpu: bool):
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+def sweep_jobs(args) -> dict:
+    """recompute mode -> the JobConfig of each sequence length (all validated up front)."""
+    from megatron_ext.training.job import parse_job
 
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group(
-            "gloo" if cpu else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
-        )
-    parallel_state.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(1234)
+    modes = args.recompute.split(",")
+    for recompute in modes:
+        if recompute not in RECOMPUTE_MODES:
+            raise SystemExit(f"--recompute {recompute!r}: choose from {', '.join(RECOMPUTE_MODES)}")
+    return {r: [parse_job(product_flags(args, seq, r), world_size=1) for seq in seq_lengths(args)]
+            for r in modes}
 
 
-def build(args, seq: int, recompute: str, core_attention):
-    """GPTModel (bf16 on GPU) wrapped in Megatron DDP, and its mixed-precision optimizer."""
-    from megatron.core.distributed import DistributedDataParallel as DDP
-    from megatron.core.distributed import DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer.module import Float16Module
-    from megatron.core.transformer.transformer_config import TransformerConfig
+def measure(args, job, device) -> dict:
+    """Build the job's model and optimizer with the product's builders and time its steps."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_ext.model.layer_spec import get_gpt_block_spec, get_gpt_layer_spec
+    from megatron_ext.training.data import loss_func
+    from megatron_ext.training.model import build_gpt, build_optimizer
 
-    bf16 = not args.cpu_smoke
-    cfg = TransformerConfig(
-        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        num_query_groups=args.query_groups, ffn_hidden_size=args.ffn,
-        gated_linear_unit=args.swiglu,
-        activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
-        add_bias_linear=False, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
-        attention_dropout=0.0, hidden_dropout=0.0, masked_softmax_fusion=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        persist_layer_norm=False, use_cpu_initialization=args.cpu_smoke,
-        recompute_granularity=None if recompute == "none" else recompute,
-        recompute_method="uniform" if recompute == "full" else None,
-        recompute_num_layers=1 if recompute == "full" else None,
-    )
-    spec = get_gpt_block_spec(cfg, get_gpt_layer_spec(core_attention=core_attention))
-    model = GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=args.vocab,
-                     max_sequence_length=seq, position_embedding_type="rope")
-    if bf16:
-        model = Float16Module(cfg, model)
-    ddp = DDP(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-    opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-4, bf16=bf16, params_dtype=cfg.params_dtype,
-                        clip_grad=1.0),
-        [ddp],
-    )
-    n_params = sum(p.numel() for p in model.parameters())
-    return ddp, opt, n_params
+    seq, mbs = job.model.seq_length, job.training.micro_batch_size
+    recompute = job.recompute.recompute_granularity or "none"
+    shape = job.model_shape(args.vocab)
+    built = build_gpt(job, shape.padded_vocab(job.tp))
+    optimizer = build_optimizer(job, built.config, built.ddp)
+    tokens = torch.randint(0, args.vocab, (mbs, seq + 1), device=device)
+    pos = torch.arange(seq, device=device).unsqueeze(0).expand(mbs, -1)
+    loss = partial(loss_func, torch.ones(mbs, seq, device=device))
+    forward_backward = get_forward_backward_func()
 
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        return model(batch[:, :-1], pos, None, labels=batch[:, 1:]), loss
 
-def train_step(ddp, opt, tokens, pos):
-    from megatron.core.distributed import finalize_model_grads
+    def train_step():  # session.run_step's order, one micro-batch
+        built.ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        forward_backward(forward_step_func=forward_step, data_iterator=iter([tokens]),
+                         model=[built.ddp], num_microbatches=1, seq_length=seq,
+                         micro_batch_size=mbs, forward_only=False)
+        optimizer.step()
 
-    ddp.zero_grad_buffer()
-    opt.zero_grad()
-    losses = ddp(tokens[:, :-1], pos, None, labels=tokens[:, 1:])  # [b, s] per-token losses
-    losses.float().mean().backward()
-    finalize_model_grads([ddp])
-    opt.step()
-
-
-def measure(args, seq: int, recompute: str, core_attention, device) -> dict:
-    ddp, opt, n_params = build(args, seq, recompute, core_attention)
-    tokens = torch.randint(0, args.vocab, (args.micro_batch_size, seq + 1), device=device)
-    pos = torch.arange(seq, device=device).unsqueeze(0).expand(args.micro_batch_size, -1)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
-        train_step(ddp, opt, tokens, pos)
+        train_step()
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        train_step(ddp, opt, tokens, pos)
+        train_step()
         sync()
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    tok_s = args.micro_batch_size * seq / step_s
-    tflops = tok_s * flops_per_token(args, seq) / 1e12
+    tok_s = mbs * seq / step_s
+    tflops = tok_s / seq * shape.flops_per_sample(job.tp) / 1e12
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    return dict(seq_length=seq, recompute=recompute, params=n_params, step_s=step_s,
+    return dict(seq_length=seq, recompute=recompute,
+                params=sum(p.numel() for p in built.gpt.parameters()), step_s=step_s,
                 tokens_per_s=tok_s, model_tflops=tflops, mfu=tflops / args.peak_tflops,
-                peak_mem_gib=peak / 2**30, planned_mem_gib=planned_peak_gib(args, seq, recompute),
+                peak_mem_gib=peak / 2**30, planned_mem_gib=planned_peak_gib(job, shape),
                 status="ok")
 
 
-def planned_peak_gib(args, seq: int, recompute: str) -> float:
+def planned_peak_gib(job, shape) -> float:
     """The memory planner's prediction for this run, comparable to max_memory_allocated
     (no CUDA-context overhead, no fragmentation factor): issue 4's 10% target."""
-    from megatron_ext.memory_planner import ModelShape, ParallelLayout, estimate_memory
+    from megatron_ext.memory_planner import estimate_memory
+    from megatron_ext.training.memory_report import parallel_layout
 
-    model = ModelShape(num_layers=args.layers, hidden_size=args.hidden,
-                       num_attention_heads=args.heads, seq_length=seq, vocab_size=args.vocab,
-                       ffn_hidden_size=args.ffn, num_query_groups=args.query_groups,
-                       swiglu=args.swiglu, untie_embeddings=True, dropout=False)
-    layout = ParallelLayout(micro_batch_size=args.micro_batch_size,
-                            recompute_granularity=None if recompute == "none" else recompute,
-                            attention="local" if args.attention_backend == "local" else "flash")
-    est = estimate_memory(model, layout, overhead_bytes=0, fragmentation=1.0,
+    est = estimate_memory(shape, parallel_layout(job), overhead_bytes=0, fragmentation=1.0,
                           block_slack=False)
     return est.total / 2**30
 
@@ -217,33 +188,28 @@ def markdown(rows) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available() and not args.cpu_smoke:
+    if args.cpu_smoke:  # the product builders take the GPU whenever they see one
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif not torch.cuda.is_available():
         print("bench_long_context: needs a CUDA GPU (--cpu-smoke checks the script); skipping.")
         return 0
-    if args.cpu_smoke:
-        from megatron_ext.cpu_backend import enable_cpu_backend
-
-        enable_cpu_backend()
-    init_single_process(cpu=args.cpu_smoke)
     from megatron_ext.model.attention import get_core_attention
-    from megatron_ext.model.attention_config import AttentionConfig
+    from megatron_ext.training.initialize import initialize_megatron
+    from megatron_ext.training.job import check_machine
 
-    attn_cfg = AttentionConfig(attention_backend=args.attention_backend)
-    core_attention, desc = get_core_attention(attn_cfg)
-    if args.cpu_smoke:
-        device = torch.device("cpu")
-    else:
-        device = torch.device("cuda", torch.cuda.current_device())
+    jobs = sweep_jobs(args)
+    first = next(iter(jobs.values()))[0]  # the sweep shares seeds, batch and parallel layout
+    check_machine(first)
+    device = torch.device(initialize_megatron(first))
+    desc = get_core_attention(first.attention)[1]  # the choice build_gpt makes for every job
     print(f"core attention: {desc}", flush=True)
     rows = []
-    for recompute in args.recompute.split(","):
-        if recompute not in RECOMPUTE_MODES:
-            raise SystemExit(f"--recompute {recompute!r}: choose from {', '.join(RECOMPUTE_MODES)}")
-        for seq in seq_lengths(args):
+    for recompute, sweep in jobs.items():
+        for job in sweep:
             try:
-                row = measure(args, seq, recompute, core_attention, device)
+                row = measure(args, job, device)
             except torch.cuda.OutOfMemoryError:
-                row = dict(seq_length=seq, recompute=recompute, status="OOM")
+                row = dict(seq_length=job.model.seq_length, recompute=recompute, status="OOM")
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -255,7 +221,9 @@ def main(argv=None) -> int:
     print(f"\n{args.layers} layers, h={args.hidden}, {args.heads} heads, ffn={args.ffn}, "
           f"micro-batch {args.micro_batch_size}, {desc}\n\n{table}")
     with open(args.out, "w") as f:
-        json.dump(dict(config=vars(args), core_attention=desc, rows=rows), f, indent=2)
+        flags = {r: product_flags(args, first.model.seq_length, r) for r in jobs}  # first seq
+        json.dump(dict(config=vars(args), product_flags=flags, core_attention=desc, rows=rows),
+                  f, indent=2)
     dist.destroy_process_group()
     return 0
 

@@ -10,21 +10,24 @@ the BatchController and prints every growth decision:
     python examples/simulate_batch_growth.py --model gpt-1.3b --topology ... \
         --bnoise-path 200:2000 --batch-growth gns --initial-global-batch 256
 
-The max micro-batch comes from megatron_ext.memory_planner when it is importable, else from
---max-micro-batch-size (default 4).
+The model is a megatron_ext.cost_model.ModelShape built from Megatron's model flags (a
+--model preset fills layers, width and heads): its FLOPs per sample and parameter count feed
+the step-time model, and megatron_ext.memory_planner picks the largest micro-batch that fits
+(unless --max-micro-batch-size is given).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megatron_ext.batch_growth import (  # noqa: E402
-    BatchController, BatchGrowthConfig, BatchPlanner, add_batch_growth_args,
-    gpt_flops_per_sample, gpt_param_count, parse_topology)
+    BatchController, BatchGrowthConfig, BatchPlanner, add_batch_growth_args, parse_topology)
+from megatron_ext.batch_growth.controller import Progress  # noqa: E402
+from megatron_ext.cost_model import ModelShape, add_model_shape_args  # noqa: E402
+from megatron_ext.memory_planner import GIB, ParallelLayout, max_micro_batch_size  # noqa: E402
 
 # GPT-3 paper shapes (Brown et al. 2020) with Megatron head counts.
 MODEL_PRESETS = {
@@ -36,19 +39,16 @@ MODEL_PRESETS = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    m = p.add_argument_group("model and layout")
-    m.add_argument("--model", choices=sorted(MODEL_PRESETS), default=None)
-    m.add_argument("--num-layers", type=int)
-    m.add_argument("--hidden-size", type=int)
-    m.add_argument("--num-attention-heads", type=int)
-    m.add_argument("--ffn-hidden-size", type=int, default=None)
-    m.add_argument("--seq-length", type=int, default=2048)
-    m.add_argument("--vocab-size", type=int, default=50304)
+    add_model_shape_args(p, required=False)
+    p.set_defaults(seq_length=2048)
+    m = p.add_argument_group("preset and layout")
+    m.add_argument("--model", choices=sorted(MODEL_PRESETS), default=None,
+                   help="fills --num-layers, --hidden-size, --num-attention-heads")
     m.add_argument("--tp", type=int, default=1)
     m.add_argument("--pp", type=int, default=1)
     m.add_argument("--dp", type=int, default=None, help="default: all GPUs / (tp*pp)")
     m.add_argument("--max-micro-batch-size", type=int, default=None,
-                   help="override the memory planner (fallback 4 when it is unavailable)")
+                   help="default: the memory planner's largest micro-batch that fits")
     m.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     m.add_argument("--distributed-optimizer", action="store_true")
     s = p.add_argument_group("simulation")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_shape(args):
+def model_shape(args) -> ModelShape:
     if args.model:
         l, h, a = MODEL_PRESETS[args.model]
         args.num_layers = args.num_layers or l
@@ -70,33 +70,18 @@ def model_shape(args):
         args.num_attention_heads = args.num_attention_heads or a
     if not (args.num_layers and args.hidden_size and args.num_attention_heads):
         sys.exit("give --model or --num-layers, --hidden-size and --num-attention-heads")
+    return ModelShape.from_megatron_args(args)
 
 
-def max_micro_batch(args, topo, dp):
+def max_micro_batch(args, shape: ModelShape, topo, dp):
     """(max micro-batch, where it came from)."""
     if args.max_micro_batch_size:
         return args.max_micro_batch_size, "--max-micro-batch-size"
-    try:
-        try:
-            from megatron_ext.memory_planner import (ModelShape, ParallelLayout,
-                                                     max_micro_batch_size)
-        except ImportError:  # package without re-exports: take the submodules
-            from megatron_ext.memory_planner.search import max_micro_batch_size
-            from megatron_ext.memory_planner.shapes import ModelShape, ParallelLayout
-        shape = ModelShape(num_layers=args.num_layers, hidden_size=args.hidden_size,
-                           num_attention_heads=args.num_attention_heads,
-                           seq_length=args.seq_length, vocab_size=args.vocab_size,
-                           ffn_hidden_size=args.ffn_hidden_size)
-        kw = dict(tp=args.tp, pp=args.pp, dp=dp, micro_batch_size=1,
-                  num_microbatches=max(1, args.pp),
-                  recompute_granularity=args.recompute_granularity,
-                  distributed_optimizer=args.distributed_optimizer)
-        known = {f.name for f in dataclasses.fields(ParallelLayout)}
-        layout = ParallelLayout(**{k: v for k, v in kw.items() if k in known})
-        mbs = max_micro_batch_size(shape, layout, int(topo.gpu_memory_gb * 2 ** 30), limit=64)
-        return int(mbs), "megatron_ext.memory_planner"
-    except Exception as e:  # not written yet, or a different API: say so and fall back
-        return 4, f"fallback 4 (memory planner unavailable: {type(e).__name__}: {e})"
+    layout = ParallelLayout(tp=args.tp, pp=args.pp, dp=dp, num_microbatches=max(1, args.pp),
+                            recompute_granularity=args.recompute_granularity,
+                            distributed_optimizer=args.distributed_optimizer)
+    mbs = max_micro_batch_size(shape, layout, int(topo.gpu_memory_gb * GIB), limit=64)
+    return mbs, "megatron_ext.memory_planner"
 
 
 def fmt_row(cols, widths):
@@ -133,7 +118,7 @@ def run_bnoise(args, planner, cfg, initial):
     head = ["step", "Gtokens", "B_simple"] + HEAD + ["reason"]
     wid = [7, 8, 9] + WID + [0]
     print(fmt_row(head, wid))
-    tokens, wall, b = 0, 0.0, initial
+    samples, tokens, wall, b = 0, 0, 0.0, initial
 
     def row(step, bs, reason):
         return fmt_row([step, f"{tokens / 1e9:.2f}", f"{bs:.0f}"] + plan_cols(planner.plan(b))
@@ -144,9 +129,8 @@ def run_bnoise(args, planner, cfg, initial):
         frac = (it - 1) / max(1, args.sim_steps - 1)
         bs = start * (end / start) ** frac  # geometric B_simple trajectory
         t = planner.plan(b).predicted_step_time_s
-        tokens += b * args.seq_length
-        wall += t
-        new = ctl.step(it, tokens, bs, t)
+        samples, tokens, wall = samples + b, tokens + b * args.seq_length, wall + t
+        new = ctl.step(Progress(it, samples, tokens, b), bs, t)
         if new is not None:
             b = new
             print(row(it, bs, ctl.last_decision.reason))
@@ -163,17 +147,14 @@ def main(argv=None):
 
 
 def simulate(args):
-    model_shape(args)
+    shape = model_shape(args)
     topo = parse_topology(args.topology)
     model_parallel = args.tp * args.pp
     dp = args.dp or topo.num_gpus // model_parallel
     if dp < 1:
         sys.exit(f"tp*pp={model_parallel} exceeds the {topo.num_gpus} GPUs of --topology")
-    flops = gpt_flops_per_sample(args.num_layers, args.hidden_size, args.seq_length,
-                                 args.vocab_size, args.ffn_hidden_size)
-    params = gpt_param_count(args.num_layers, args.hidden_size, args.seq_length,
-                             args.vocab_size, args.ffn_hidden_size)
-    mbs, mbs_src = max_micro_batch(args, topo, dp)
+    flops, params = shape.flops_per_sample(args.tp), shape.num_params(args.tp)
+    mbs, mbs_src = max_micro_batch(args, shape, topo, dp)
     if mbs < 1:
         sys.exit(f"one sample does not fit in {topo.gpu_memory_gb} GiB per GPU ({mbs_src}); "
                  "add tp/pp or --recompute-granularity")
@@ -181,8 +162,9 @@ def simulate(args):
                            max_micro_batch_size=mbs, seq_length=args.seq_length,
                            mfu_assumed=args.mfu_assumed,
                            distributed_optimizer=args.distributed_optimizer)
-    print(f"model: {args.model or 'custom'} l={args.num_layers} h={args.hidden_size} "
-          f"a={args.num_attention_heads} s={args.seq_length} V={args.vocab_size}: "
+    print(f"model: {args.model or 'custom'} l={shape.num_layers} h={shape.hidden_size} "
+          f"a={shape.num_attention_heads} groups={shape.num_query_groups} "
+          f"s={shape.seq_length} V={shape.padded_vocab(args.tp)}: "
           f"{params / 1e9:.2f} B params, {flops / 1e12:.1f} TFLOP/sample (fwd+bwd)")
     print(f"cluster: {topo.describe()}")
     print(f"layout: dp={dp} tp={args.tp} pp={args.pp}, max micro-batch {mbs} ({mbs_src}), "

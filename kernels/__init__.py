@@ -2,8 +2,8 @@
 
 Public API (per-sample gradient norms for gradient-noise-scale measurement):
     wgrad_sample_norms / wgrad_sample_norms_reference / kernel_backend / kernel_is_interpreted
-    LinearWithSampleNorms, linear_with_sample_norms, SampleNormAccumulator
-    bias_sample_norms, norm_param_sample_norms(_reference), layer_norm_xhat, rms_norm_xhat
+    LinearWithSampleNorms, linear_with_sample_norms, TensorParallelComm, SampleNormAccumulator
+    NormWithSampleNorms, norm_param_sample_grads(_reference), norm_param_backend
 
 Names are loaded lazily (PEP 562), so `import megatron_ext.kernels` neither imports
 Triton nor freezes the interpreter choice: Triton reads TRITON_INTERPRET when a kernel
@@ -15,13 +15,12 @@ import importlib
 _EXPORTS = {
     "LinearWithSampleNorms": "linear_sample_norm",
     "SampleNormAccumulator": "linear_sample_norm",
+    "TensorParallelComm": "linear_sample_norm",
     "linear_with_sample_norms": "linear_sample_norm",
-    "NormParamSampleNorms": "norm_param_sample_norm",
-    "bias_sample_norms": "norm_param_sample_norm",
-    "layer_norm_xhat": "norm_param_sample_norm",
-    "norm_param_sample_norms": "norm_param_sample_norm",
-    "norm_param_sample_norms_reference": "norm_param_sample_norm",
-    "rms_norm_xhat": "norm_param_sample_norm",
+    "NormWithSampleNorms": "norm_param_sample_norm",
+    "norm_param_backend": "norm_param_sample_norm",
+    "norm_param_sample_grads": "norm_param_sample_norm",
+    "norm_param_sample_grads_reference": "norm_param_sample_norm",
     "WgradSampleNorms": "wgrad_sample_norm_reference",
     "wgrad_sample_norms_reference": "wgrad_sample_norm_reference",
     "kernel_backend": "wgrad_sample_norm",

@@ -39,6 +39,7 @@ core.models.gpt.gpt_model                   logits/labels helper buffers
 core.models.common.embeddings.rotary_pos_embedding  inv_freq on current_device()
 core.models.common.embeddings.rope_utils   CP slice index created with pin_memory=True
 core.rerun_state_machine                    NaN/Inf report names torch.cuda.current_device()
+core.timers                                 Timer.start/stop call torch.cuda.synchronize()
 core.transformer.utils                      causal mask created with device="cuda"
 =========================================  ====================================================
 
@@ -93,6 +94,7 @@ PATCHED_MODULES = (
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.models.common.embeddings.rope_utils",
     "megatron.core.rerun_state_machine",
+    "megatron.core.timers",
 )
 
 _FACTORIES = (

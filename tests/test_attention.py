@@ -1,14 +1,16 @@
 """FlashCoreAttention (sdpa) vs megatron-core's DotProductAttention, single process.
 
-Runs on CPU through the CPU backend; on a CUDA machine the same checks run on the GPU.
+Two levels: one bare core-attention module of each kind on the same q/k/v (the modules
+themselves, with TransformerConfig options that no training flag sets), and the tiny GPT
+that training builds with ``--attention-backend local`` vs ``sdpa`` (``parse_job`` ->
+``build_gpt`` -> schedule + optimizer steps). Runs on CPU through the CPU backend; on a CUDA
+machine the same checks run on the GPU.
 """
 
 import importlib.util
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_ext.cpu_backend import enable_cpu_backend
 
@@ -16,9 +18,7 @@ enable_cpu_backend()  # a no-op with CUDA: then the tensors below live on the GP
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FP32_TOL = 1e-4 if DEVICE.type == "cuda" else 1e-5  # fused fp32 kernels vs baddbmm on GPU
 
-from megatron.core import parallel_state  # noqa: E402
 from megatron.core import tensor_parallel  # noqa: E402
-from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
@@ -30,25 +30,25 @@ from megatron_ext.model.attention import (  # noqa: E402
     get_core_attention,
 )
 from megatron_ext.model.attention_config import AttentionConfig  # noqa: E402
-from megatron_ext.model.layer_spec import get_gpt_block_spec, get_gpt_layer_spec  # noqa: E402
+from megatron_ext.training.initialize import set_seeds  # noqa: E402
+from megatron_ext.training.job import parse_job  # noqa: E402
+from megatron_ext.training.model import build_optimizer  # noqa: E402
 
+from gpt_helpers import (  # noqa: E402
+    build, forward_backward, mean_loss, micro_batches, one_rank_megatron)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The tiny GPT of the model-level checks: 2 layers, 4 heads of 16, 24 tokens, 2 samples.
+TINY_GPT = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--seq-length", "24", "--micro-batch-size", "2", "--global-batch-size", "2",
+            "--seed", "0", "--optimizer", "sgd", "--lr", "0.1"]
+VOCAB = 128
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_rank_group():
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-    )
-    parallel_state.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(1234)
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    """A world of one with megatron's parallel state, set up as training does."""
+    with one_rank_megatron(parse_job(TINY_GPT, world_size=1)):
+        yield
 
 
 def _config(heads=4, groups=None, dtype=torch.float32, **kw):
@@ -148,48 +148,48 @@ def test_backend_selection_and_description():
                           attention_type="self")
 
 
-def _gpt_loss(core_attention, recompute=None, steps=2, attention_dropout=0.0):
-    """Losses of a tiny GPT over ``steps`` SGD steps, and core-attention calls per step."""
-    torch.manual_seed(0)
-    model_parallel_cuda_manual_seed(0)
-    cfg = _config(recompute_granularity=recompute)
-    cfg.attention_dropout = attention_dropout
-    model = GPTModel(
-        config=cfg,
-        transformer_layer_spec=get_gpt_block_spec(cfg, get_gpt_layer_spec(core_attention)),
-        vocab_size=128, max_sequence_length=24, position_embedding_type="rope",
-    ).to(DEVICE)
+def _gpt_loss(backend, recompute=None, steps=2, attention_dropout=0.0):
+    """Losses of training's tiny GPT with ``--attention-backend backend`` over ``steps``
+    optimizer steps (SGD), and core-attention calls per step."""
+    flags = TINY_GPT + ["--attention-backend", backend,
+                        "--attention-dropout", str(attention_dropout)]
+    if recompute:
+        flags += ["--recompute-granularity", recompute]
+    job = parse_job(flags, world_size=1)
+    set_seeds(job.training.seed)  # the same dropout stream for every build
+    built = build(job, VOCAB)
+    want = {"local": DotProductAttention, "sdpa": SDPACoreAttention}[backend]
+    assert all(type(layer.self_attention.core_attention) is want
+               for layer in built.gpt.decoder.layers)
     calls = []
-    for layer in model.decoder.layers:
+    for layer in built.gpt.decoder.layers:
         layer.self_attention.core_attention.register_forward_pre_hook(
             lambda *a: calls.append(1)
         )
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    tokens = torch.randint(0, 128, (2, 25), generator=torch.Generator().manual_seed(1))
-    tokens = tokens.to(DEVICE)
-    pos = torch.arange(24, device=DEVICE).unsqueeze(0).expand(2, -1)
+    optimizer = build_optimizer(job, built.config, built.ddp)
+    tokens = torch.randint(0, VOCAB, (2, 25), generator=torch.Generator().manual_seed(1))
+    batches = micro_batches(tokens, 2, device=DEVICE)
     losses = []
     for _ in range(steps):
-        opt.zero_grad()
-        loss = model(tokens[:, :-1], pos, None, labels=tokens[:, 1:]).float().mean()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        built.ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses.append(mean_loss(forward_backward(built.ddp, batches)))
+        optimizer.step()
     return losses, len(calls) // steps
 
 
 @pytest.mark.parametrize("recompute", [None, "selective"])
 def test_gpt_loss_local_vs_sdpa(recompute):
-    ref, ref_calls = _gpt_loss(DotProductAttention, recompute)
-    ours, calls = _gpt_loss(SDPACoreAttention, recompute)
+    ref, ref_calls = _gpt_loss("local", recompute)
+    ours, calls = _gpt_loss("sdpa", recompute)
     assert ours == pytest.approx(ref, rel=FP32_TOL)
     # selective recompute runs core attention again in backward (_checkpointed_attention_forward)
     assert calls == ref_calls == (4 if recompute else 2)
 
 
 def test_selective_recompute_replays_dropout():
-    plain, _ = _gpt_loss(SDPACoreAttention, None, attention_dropout=0.3)
-    recomputed, _ = _gpt_loss(SDPACoreAttention, "selective", attention_dropout=0.3)
-    no_dropout, _ = _gpt_loss(SDPACoreAttention, None)
+    plain, _ = _gpt_loss("sdpa", None, attention_dropout=0.3)
+    recomputed, _ = _gpt_loss("sdpa", "selective", attention_dropout=0.3)
+    no_dropout, _ = _gpt_loss("sdpa", None)
     assert recomputed == pytest.approx(plain, rel=1e-6)
     assert plain[1] != pytest.approx(no_dropout[1], rel=1e-6)

@@ -31,7 +31,21 @@ def test_bnoise_path_grows():
     out = run("--model", "gpt-125m", "--topology", TOPO, "--bnoise-path", "200:2000",
               "--sim-steps", "3000", "--batch-growth", "gns", "--batch-growth-min-steps", "50")
     assert "rule=gns" in out and "gns: target" in out
-    # max micro-batch from the memory planner when importable, else the documented fallback
-    assert "(megatron_ext.memory_planner)" in out or "fallback 4" in out
+    # max micro-batch from the memory planner, on the cost model's ModelShape
+    assert "(megatron_ext.memory_planner)" in out
     final = int(out.strip().splitlines()[-1].split()[3])
     assert 1000 <= final <= 2000
+
+
+def test_model_flags_build_the_cost_models_shape():
+    from megatron_ext.cost_model import ModelShape
+
+    out = run("--model", "gpt-1.3b", "--topology", TOPO, "--swiglu", "--num-query-groups", "4",
+              "--disable-bias-linear", "--normalization", "RMSNorm", "--ffn-hidden-size", "5632",
+              "--global-batches", "512")
+    shape = ModelShape(24, 2048, 16, 2048, 50304, ffn_hidden_size=5632, num_query_groups=4,
+                       swiglu=True, add_bias_linear=False, normalization="RMSNorm",
+                       untie_embeddings=False)
+    assert (f"{shape.num_params() / 1e9:.2f} B params, "
+            f"{shape.flops_per_sample() / 1e12:.1f} TFLOP/sample") in out
+    assert "groups=4" in out and "(megatron_ext.memory_planner)" in out

@@ -4,7 +4,7 @@ import copy
 import pytest
 
 from megatron_ext.batch_growth import (BatchController, BatchGrowthConfig, BatchPlanner,
-                                       Topology)
+                                       Progress, Topology)
 
 
 def cfg(**kw):
@@ -21,78 +21,90 @@ def comm_bound_planner(dp=8):
                         dp_size=dp, max_micro_batch_size=4, seq_length=1024)
 
 
-def run(ctl, steps, b_simple, start=1, step_time=None):
+class Run:
+    """The caller's side: owns the batch and the counts, applies what the controller says."""
+
+    def __init__(self, ctl, batch):
+        self.ctl, self.batch, self.samples = ctl, batch, 0
+
+    def step(self, it, tokens, b_simple, step_time=None):
+        self.samples += self.batch
+        new = self.ctl.step(Progress(it, self.samples, tokens, self.batch), b_simple, step_time)
+        self.batch = new or self.batch
+        return new
+
+
+def run(ctl, steps, b_simple, batch, start=1, step_time=None):
     """Drive the controller for `steps` optimizer steps; return the batch after each."""
-    out = []
+    r, out = Run(ctl, batch), []
     for it in range(start, start + steps):
-        ctl.step(it, it * 1000, b_simple, step_time)
-        out.append(ctl.current)
+        r.step(it, it * 1000, b_simple, step_time)
+        out.append(r.batch)
     return out
 
 
 def test_off_never_changes():
     ctl = BatchController(BatchGrowthConfig(), 64)
-    assert run(ctl, 50, 1e6) == [64] * 50
+    assert run(ctl, 50, 1e6, 64) == [64] * 50
 
 
 def test_ramp_follows_megatron_schedule():
     # start 32, +32 every 1000 / ((128-32)/32) = 333.3 samples, up to 128.
     c = BatchGrowthConfig(batch_growth="ramp", batch_growth_max=128,
                           rampup_batch_size=[32, 32, 1000])
-    ctl = BatchController(c, 32, granularity=32)
-    seen, samples = [], 0
+    r = Run(BatchController(c, 32, granularity=32), 32)
+    seen = []
     for it in range(1, 40):
-        samples += ctl.current
-        ctl.step(it, 0, None)
-        expect = min(128, 32 + int(samples / (1000 / 3)) * 32)
-        assert ctl.current == expect
-        seen.append(ctl.current)
+        r.step(it, 0, None)
+        expect = min(128, 32 + int(r.samples / (1000 / 3)) * 32)
+        assert r.batch == expect
+        seen.append(r.batch)
     assert seen[0] == 32 and seen[-1] == 128 and sorted(seen) == seen
     assert sorted(set(seen)) == [32, 64, 96, 128]
 
 
 def test_gns_target_clamped_and_rounded():
-    ctl = BatchController(cfg(), 64, granularity=32)
+    ctl = Run(BatchController(cfg(), 64, granularity=32), 64)
     assert ctl.step(10, 0, 300.0) == 288          # k*B_simple=300 rounded down to 32k
-    assert "gns" in ctl.last_decision.reason and ctl.last_decision.changed
+    assert "gns" in ctl.ctl.last_decision.reason and ctl.ctl.last_decision.changed
     assert ctl.step(20, 0, 50_000.0) == 1024      # clamped to --batch-growth-max
     assert ctl.step(30, 0, 1e9) is None           # already at the maximum
-    k2 = BatchController(cfg(batch_growth_k=2.0), 64, granularity=32)
+    k2 = Run(BatchController(cfg(batch_growth_k=2.0), 64, granularity=32), 64)
     assert k2.step(10, 0, 100.0) == 192
 
 
 def test_gns_uses_planner_validity():
     planner = comm_bound_planner(dp=8)
-    ctl = BatchController(cfg(batch_growth_max=4096), 32, planner=planner)
+    ctl = Run(BatchController(cfg(batch_growth_max=4096), 32, planner=planner), 32)
     new = ctl.step(10, 0, 100.0)
     assert new == 96 and planner.is_valid(new)   # largest multiple of dp=8 <= 100
 
 
 def test_gns_waits_for_b_simple_and_interval():
-    ctl = BatchController(cfg(batch_growth_interval=10), 64, granularity=32)
+    ctl = Run(BatchController(cfg(batch_growth_interval=10), 64, granularity=32), 64)
     assert all(ctl.step(i, 0, None) is None for i in range(1, 11))
-    assert ctl.last_decision.reason == "no B_simple estimate yet"
+    assert ctl.ctl.last_decision.reason == "no B_simple estimate yet"
     assert ctl.step(11, 0, float("nan")) is None  # not a decision step
     assert [ctl.step(i, 0, 500.0) for i in range(12, 21)][-1] == 480  # decides at step 20
 
 
 def test_token_interval():
-    ctl = BatchController(cfg(batch_growth_interval_tokens=10_000), 64, granularity=32)
+    ctl = Run(BatchController(cfg(batch_growth_interval_tokens=10_000), 64, granularity=32), 64)
     assert ctl.step(1, 5_000, 500.0) is None
     assert ctl.step(2, 10_000, 500.0) == 480
 
 
 def test_goodput_grows_when_noise_dominates_and_stays_otherwise():
     planner = comm_bound_planner()
-    big = BatchController(cfg(batch_growth="goodput", batch_growth_max=2048), 32,
-                          planner=planner)
+    big = Run(BatchController(cfg(batch_growth="goodput", batch_growth_max=2048), 32,
+                              planner=planner), 32)
     new = big.step(10, 0, 1e6)                    # B_noise >> B: efficiency ~1 everywhere
     assert new is not None and new > 32
-    assert big.last_decision.gain > 1.0 and big.last_decision.rule == "goodput"
-    small = BatchController(cfg(batch_growth="goodput", batch_growth_max=2048), 512,
-                            planner=planner)
+    assert big.ctl.last_decision.gain > 1.0 and big.ctl.last_decision.rule == "goodput"
+    small = Run(BatchController(cfg(batch_growth="goodput", batch_growth_max=2048), 512,
+                                planner=planner), 512)
     assert small.step(10, 0, 1.0) is None         # B_noise << B: larger batch wastes samples
-    assert "best" in small.last_decision.reason
+    assert "best" in small.ctl.last_decision.reason
 
 
 def test_goodput_step_time_correction():
@@ -100,30 +112,30 @@ def test_goodput_step_time_correction():
     ctl = BatchController(cfg(batch_growth="goodput", batch_growth_max=2048,
                               batch_growth_step_time_ema=0.5), 32, planner=planner)
     pred = planner.plan(32).predicted_step_time_s
-    ctl.step(1, 0, None, 2 * pred)
-    ctl.step(2, 0, None, 4 * pred)
+    ctl.step(Progress(1, 32, 0, 32), None, 2 * pred)
+    ctl.step(Progress(2, 64, 0, 32), None, 4 * pred)
     assert ctl.correction[32] == pytest.approx(3.0)   # 0.5*2 + 0.5*4
     expect = 3.0 * planner.plan(64).predicted_step_time_s  # borrows the nearest measured
     assert ctl.predicted_step_time(64) == pytest.approx(expect)
 
 
 def test_hysteresis_threshold_and_min_steps():
-    ctl = BatchController(cfg(batch_growth_threshold=1.5), 64, granularity=8)
+    ctl = Run(BatchController(cfg(batch_growth_threshold=1.5), 64, granularity=8), 64)
     assert ctl.step(10, 0, 80.0) is None          # 80/64 = 1.25 < 1.5
-    assert "threshold" in ctl.last_decision.reason
+    assert "threshold" in ctl.ctl.last_decision.reason
     assert ctl.step(20, 0, 100.0) == 96           # 96/64 = 1.5
-    slow = BatchController(cfg(batch_growth_min_steps=50), 64, granularity=8)
+    slow = Run(BatchController(cfg(batch_growth_min_steps=50), 64, granularity=8), 64)
     assert all(slow.step(i, 0, 500.0) is None for i in range(1, 50))
-    assert "steps at current batch" in slow.last_decision.reason
+    assert "steps at current batch" in slow.ctl.last_decision.reason
     assert slow.step(50, 0, 500.0) == 496
 
 
 def test_never_shrinks():
-    ctl = BatchController(cfg(), 64, granularity=32)
-    sizes = [ctl.step(10 * i, 0, bs) or ctl.current
+    ctl = Run(BatchController(cfg(), 64, granularity=32), 64)
+    sizes = [ctl.step(10 * i, 0, bs) or ctl.batch
              for i, bs in enumerate([500, 100, 10, 1000, 3], start=1)]
     assert sizes == sorted(sizes) and sizes[-1] == 992
-    assert [h["new"] for h in ctl.history] == [480, 992]
+    assert [h["new"] for h in ctl.ctl.history] == [480, 992]
 
 
 def test_goodput_requires_planner_and_valid_initial():
@@ -137,17 +149,32 @@ def test_state_dict_round_trip_mid_growth():
     planner = comm_bound_planner()
     c = cfg(batch_growth="goodput", batch_growth_max=2048, batch_growth_min_steps=20,
             batch_growth_threshold=1.05)
-    a = BatchController(c, 32, planner=planner)
+    a = Run(BatchController(c, 32, planner=planner), 32)
     noise = lambda it: 50.0 * 1.05 ** (it / 10)  # growing B_noise
     for it in range(1, 121):
-        a.step(it, it * 100, noise(it), planner.plan(a.current).predicted_step_time_s * 1.3)
-    assert len(a.history) >= 1
-    state = copy.deepcopy(a.state_dict())
-    b = BatchController(c, 32, planner=planner)
-    b.load_state_dict(state)
+        a.step(it, it * 100, noise(it), planner.plan(a.batch).predicted_step_time_s * 1.3)
+    assert len(a.ctl.history) >= 1
+    state = copy.deepcopy(a.ctl.state_dict())
+    b = Run(BatchController(c, 32, planner=planner), a.batch)  # the batch is the caller's
+    b.samples = a.samples
+    b.ctl.load_state_dict(state)
     for it in range(121, 401):
-        t = planner.plan(a.current).predicted_step_time_s * 1.3
+        t = planner.plan(a.batch).predicted_step_time_s * 1.3
         assert a.step(it, it * 100, noise(it), t) == b.step(it, it * 100, noise(it), t)
-        assert a.current == b.current
-    assert a.state_dict() == b.state_dict()
-    assert len(a.history) >= 2
+        assert a.batch == b.batch
+    assert a.ctl.state_dict() == b.ctl.state_dict()
+    assert len(a.ctl.history) >= 2
+
+
+def test_ramp_is_megatron_cores_calculator():
+    """--batch-growth ramp asks megatron-core's RampupBatchsizeNumMicroBatchesCalculator."""
+    from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
+
+    from megatron_ext.batch_growth.ramp import megatron_rampup
+
+    ramp = megatron_rampup(16, 8, 1000, final=64)
+    ref = RampupBatchsizeNumMicroBatchesCalculator(64, 1, 1, False, -1, 16, 8, 1000)
+    for consumed in range(0, 1400, 7):
+        ref.update(consumed, consistency_check=False)
+        assert ramp(consumed) == ref.get_current_global_batch_size()
+    assert megatron_rampup(64, 8, 1000, final=64)(0) == 64

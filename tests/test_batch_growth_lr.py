@@ -3,7 +3,7 @@ import argparse
 
 import pytest
 
-from megatron_ext.batch_growth import (BatchGrowthConfig, LRScaler, TokenLRSchedule,
+from megatron_ext.batch_growth import (BatchGrowthConfig, LRScaler,
                                        adascale_gain, add_batch_growth_args, lr_scale_factor,
                                        pollux_efficiency)
 
@@ -34,24 +34,6 @@ def test_lr_scaler_state():
     t = LRScaler("adascale", 256)
     t.load_state_dict(s.state_dict())
     assert t.factor(512) == f
-
-
-def test_token_schedule_endpoints():
-    s = TokenLRSchedule(max_lr=3e-4, min_lr=3e-5, warmup_tokens=1000, decay_tokens=11000)
-    assert s.lr(0) == 0.0
-    assert s.lr(500) == pytest.approx(1.5e-4)
-    assert s.lr(1000) == pytest.approx(3e-4)
-    assert s.lr(6000) == pytest.approx((3e-4 + 3e-5) / 2)      # cosine midpoint
-    assert s.lr(11000) == pytest.approx(3e-5) and s.lr(1e9) == pytest.approx(3e-5)
-    lin = TokenLRSchedule(1.0, 0.0, 0, 100, style="linear")
-    assert lin.lr(25) == pytest.approx(0.75)
-    const = TokenLRSchedule(1.0, warmup_tokens=10, style="constant")
-    assert const.lr(5) == 0.5 and const.lr(1e12) == 1.0
-    r = TokenLRSchedule(1.0, 0.0, 0, 1)
-    r.load_state_dict(s.state_dict())
-    assert r.lr(6000) == s.lr(6000)
-    with pytest.raises(ValueError, match="decay_tokens"):
-        TokenLRSchedule(1.0, 0.0, warmup_tokens=100, decay_tokens=50)
 
 
 def test_flags_map_to_fields():

@@ -1,28 +1,34 @@
 """Tests of megatron_ext.batch_growth.planner (validity, pp constraint, reduction choice)."""
 import pytest
 
-from megatron_ext.batch_growth import (BatchPlanner, gpt_flops_per_sample,
-                                       gpt_param_count, parse_topology)
+from megatron_ext.batch_growth import BatchPlanner, parse_topology
+from megatron_ext.cost_model import ModelShape
 
 A100_64 = "nodes=8,gpus_per_node=8,nvlink_GBps=600,ib_Gbps=8x200,gpu=A100-80GB"
+GPT_1_3B = ModelShape(num_layers=24, hidden_size=2048, num_attention_heads=16,
+                      seq_length=2048, vocab_size=50304, untie_embeddings=False)
 
 
 def gpt13b_planner(topo=A100_64, **kw):
-    f = gpt_flops_per_sample(24, 2048, 2048, 50304)
-    n = gpt_param_count(24, 2048, 2048, 50304)
     args = dict(dp_size=64, max_micro_batch_size=4, seq_length=2048)
     args.update(kw)
-    return BatchPlanner(f, n, parse_topology(topo), **args)
+    return BatchPlanner(GPT_1_3B.flops_per_sample(), GPT_1_3B.num_params(),
+                        parse_topology(topo), **args)
 
 
-def test_flops_formula_matches_narayanan():
+def test_planner_takes_the_cost_models_numbers():
+    """The planner is model-agnostic: compute = FLOPs * B / (GPUs * peak * MFU), and the
+    gradient bytes are the fp32 parameters of one tp*pp shard."""
+    p = gpt13b_planner(mfu_assumed=0.5)
     l, h, s, v = 24, 2048, 2048, 50304
-    paper = 96 * s * l * h ** 2 * (1 + s / (6 * h) + v / (16 * l * h))  # with recompute
-    assert gpt_flops_per_sample(l, h, s, v, recompute=True) == pytest.approx(paper)
-    no_rc = 72 * s * l * h ** 2 * (1 + s / (6 * h) + v / (12 * l * h))
-    assert gpt_flops_per_sample(l, h, s, v) == pytest.approx(no_rc)
-    assert gpt_param_count(l, h, s, v) == pytest.approx(
-        12 * l * h ** 2 * (1 + 13 / (12 * h) + (v + s) / (12 * l * h)) + 2 * h)  # + final LN
+    assert p.model_flops_per_sample == pytest.approx(
+        72 * s * l * h ** 2 * (1 + s / (12 * h) + v / (12 * l * h)))  # causal attention
+    assert p.param_count == l * (12 * h * h + 13 * h) + v * h + 2 * h  # rope: no pos table
+    plan = p.plan(512)
+    gpus, peak = 64, parse_topology(A100_64).gpu_tflops * 1e12
+    assert plan.breakdown["compute_s"] == pytest.approx(
+        GPT_1_3B.flops_per_sample() * 512 / (gpus * peak * 0.5))
+    assert gpt13b_planner(dp_size=32, tp_size=2).grad_bytes() == pytest.approx(p.param_count * 2)
 
 
 def test_plan_divisibility_and_largest_micro_batch():

@@ -3,8 +3,10 @@
 CPU only, no torch.distributed; megatron's own IndexedDataset reads back what we write.
 """
 import argparse
+import gc
 import json
 import os
+import sys
 import threading
 
 import numpy
@@ -14,9 +16,13 @@ import torch
 from megatron_ext.data import (ByteTokenizer, DataConfig, GlobalBatchSampler, add_data_args,
                                build_default_corpus, build_gpt_datasets, build_tokenizer,
                                collate_micro_batch)
+from megatron_ext.data.builder import parse_blend
 from megatron_ext.data.default_corpus import corpus_fingerprint, list_stdlib_sources
+from megatron_ext.data.indexed import max_token_id, num_sequences
 from megatron_ext.data.preprocess import main as preprocess_main
 from megatron_ext.data.preprocess import preprocess
+
+from data_helpers import write_pretokenized  # noqa: F401  (test_training imports it from here)
 
 EOD = ByteTokenizer.eod
 
@@ -223,71 +229,149 @@ def test_mock_data():
 
 
 # ---------------------------------------------------------------- sampler
-def _run(samplers, schedule, mbs=2):
+def _run(samplers, schedule, consumed=0, mbs=2):
+    """Every rank's indices for the steps of ``schedule`` from ``consumed``; the caller's count
+    (as the training loop's) is the only state. Returns (indices, consumed after)."""
     seen = []
     for gbs in schedule:
         for s in samplers:
-            micro = s.next_global_batch(gbs, mbs)
-            assert len(micro) == gbs // (mbs * s.dp_size) and all(len(m) == mbs for m in micro)
+            micro = s.micro_batches(consumed, gbs, mbs)
+            assert len(micro) == s.num_micro_batches(gbs, mbs) == gbs // (mbs * s.dp_size)
+            assert all(len(m) == mbs for m in micro)
             seen += [i for m in micro for i in m]
-    return seen
+        consumed += gbs
+    return seen, consumed
 
 
 def test_sampler_changing_batch_is_exact():
-    samplers = [GlobalBatchSampler(1000, r, 2) for r in range(2)]
-    seen = _run(samplers, [4, 4, 8, 16])
-    assert sorted(seen) == list(range(32)) and len(seen) == len(set(seen))
-    assert all(s.consumed_samples == 32 and s.steps == 4 for s in samplers)
-    # rank 0 holds the first half of each global batch, contiguously
-    assert GlobalBatchSampler(100, 0, 2, consumed_samples=32).next_global_batch(8, 2) == [[32, 33], [34, 35]]
+    seen, consumed = _run([GlobalBatchSampler(1000, r, 2) for r in range(2)], [4, 4, 8, 16])
+    assert consumed == 32 and sorted(seen) == list(range(32)) and len(seen) == len(set(seen))
+    # rank 0 holds the first half of each global batch, contiguously, rank 1 the second
+    assert GlobalBatchSampler(100, 0, 2).micro_batches(32, 8, 2) == [[32, 33], [34, 35]]
+    assert GlobalBatchSampler(100, 1, 2).micro_batches(32, 8, 2) == [[36, 37], [38, 39]]
 
 
 def test_sampler_resume_equals_uninterrupted():
     schedule = [4, 8, 8, 16, 4]
-    full = _run([GlobalBatchSampler(50, r, 2) for r in range(2)], schedule)
-    first = [GlobalBatchSampler(50, r, 2) for r in range(2)]
-    part = _run(first, schedule[:2])
-    resumed = [GlobalBatchSampler(50, r, 2) for r in range(2)]
-    for s, old in zip(resumed, first):
-        s.load_state_dict(old.state_dict())
-    assert part + _run(resumed, schedule[2:]) == full
+    full, _ = _run([GlobalBatchSampler(50, r, 2) for r in range(2)], schedule)
+    part, consumed = _run([GlobalBatchSampler(50, r, 2) for r in range(2)], schedule[:2])
+    rest, _ = _run([GlobalBatchSampler(50, r, 2) for r in range(2)], schedule[2:], consumed)
+    assert part + rest == full
     # a resume with another DP size continues the same global stream
-    one = GlobalBatchSampler(50, 0, 1)
-    one.load_state_dict(first[0].state_dict())
-    assert one.next_global_batch(4, 2) == [[12, 13], [14, 15]]
+    assert GlobalBatchSampler(50, 0, 1).micro_batches(consumed, 4, 2) == [[12, 13], [14, 15]]
+    part, consumed = _run([GlobalBatchSampler(1000, r, 2) for r in range(2)], [8, 8])
+    rest, consumed = _run([GlobalBatchSampler(1000, r, 4) for r in range(4)], [16, 8], consumed)
+    assert sorted(part + rest) == list(range(consumed)) == list(range(40))
 
 
-def test_sampler_wrap_and_errors():
+def test_sampler_is_stateless():
     s = GlobalBatchSampler(10, 1, 2)
-    s.next_global_batch(8, 2)
-    assert s.next_global_batch(8, 2) == [[12 % 10, 13 % 10], [14 % 10, 15 % 10]] and s.epoch == 1
+    assert s.micro_batches(8, 8, 2) == s.micro_batches(8, 8, 2) == [[2, 3], [4, 5]]  # 12..15 wrap
+    assert (s.epoch(0), s.epoch(9), s.epoch(10), s.epoch(25)) == (0, 0, 1, 2)
+    assert not hasattr(s, "state_dict") and not hasattr(s, "consumed_samples")
+    with pytest.raises(AttributeError):
+        s.dp_rank = 0  # frozen: the arguments are all there is
+
+
+def test_sampler_errors():
     strict = GlobalBatchSampler(10, 0, 2, wrap_around=False)
-    strict.next_global_batch(8, 2)
+    assert strict.micro_batches(2, 8, 2) == [[2, 3], [4, 5]]
     with pytest.raises(RuntimeError, match="out of samples"):
-        strict.next_global_batch(8, 2)
+        strict.micro_batches(8, 8, 2)
+    s = GlobalBatchSampler(10, 1, 2)
     with pytest.raises(ValueError, match="multiple of 4"):
-        s.next_global_batch(6, 2)
+        s.micro_batches(0, 6, 2)
+    with pytest.raises(ValueError, match="consumed_samples must be >= 0"):
+        s.micro_batches(-1, 8, 2)
+    with pytest.raises(ValueError, match="batch sizes must be > 0"):
+        s.num_micro_batches(8, 0)
     with pytest.raises(ValueError, match="dp_rank"):
         GlobalBatchSampler(10, 2, 2)
-    with pytest.raises(ValueError, match="rebuild the dataset"):
-        GlobalBatchSampler(11, 0, 2).load_state_dict(s.state_dict())
+    with pytest.raises(ValueError, match="total_samples"):
+        GlobalBatchSampler(0, 0, 1)
+
+
+# ---------------------------------------------------------------- blends and index files
+def test_parse_blend(corpus):
+    _, (a, b) = corpus
+    assert parse_blend([a, b]) == ([a, b], None)  # weighted by size
+    assert parse_blend(["0.3", a, "0.7", b]) == ([a, b], [0.3, 0.7])
+    assert parse_blend(["3", a]) == ([a], [3.0])
+    for bad in (["0", a, "1", b], ["-0.5", a, "1", b], ["nan", a, "1", b], ["inf", a]):
+        with pytest.raises(ValueError, match="blend weights must be > 0"):
+            parse_blend(bad)
+    with pytest.raises(ValueError, match="mixes weighted and unweighted"):
+        parse_blend(["0.3", a, b, "0.7"])  # megatron would assert here
+    with pytest.raises(ValueError, match="mixes weighted and unweighted"):
+        DataConfig(data_path=["0.3", a, b, b])  # megatron would read 0.3 as a prefix here
+    with pytest.raises(ValueError, match="at least one PREFIX"):
+        parse_blend([])
+
+
+def test_num_sequences_matches_preprocessing(tmp_path):
+    jl, txt = _write_inputs(tmp_path)
+    prefix = str(tmp_path / "c")
+    stats = preprocess([str(jl), str(txt)], prefix, split_paragraphs=True)
+    assert num_sequences(prefix) == stats.documents == len(_read_docs(prefix)) == 4
+    write_pretokenized(str(tmp_path / "p"), [[1, 2]] * 7)
+    assert num_sequences(str(tmp_path / "p")) == 7
+
+
+def test_vocab_check_reads_first_million_tokens(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "big")
+    write_pretokenized(prefix, [[0] * (1 << 20), [5000]])
+    assert max_token_id(prefix) == 0 and max_token_id(prefix, (1 << 20) + 1) == 5000
+    DataConfig(data_path=[prefix])  # the id past the first 1M is not looked at
+    write_pretokenized(str(tmp_path / "none"), [])
+    assert max_token_id(str(tmp_path / "none")) == -1
+    # a blend of 100 prefixes opens at most ~64 of them for the check
+    import megatron_ext.data.indexed as indexed
+
+    opened = []
+    monkeypatch.setattr(indexed, "max_token_id", lambda p: opened.append(p) or 0)
+    DataConfig(data_path=[prefix] * 100)
+    assert 32 <= len(opened) <= 64
+
+
+def _bad_files(tmp_path):
+    """(name, .idx bytes, .bin bytes, file the error must name) of broken indexed datasets."""
+    good = str(tmp_path / "good")
+    write_pretokenized(good, [[1, 2, 3], [4, 5]])
+    with open(good + ".idx", "rb") as f:
+        idx = f.read()
+    with open(good + ".bin", "rb") as f:
+        data = f.read()
+    return [("garbage", b"not an index at all", data, ".idx"), ("empty", b"", data, ".idx"),
+            ("header_only", idx[:20], data, ".idx"), ("truncated_idx", idx[:-8], data, ".idx"),
+            ("bad_dtype", idx[:17] + b"\x63" + idx[18:], data, ".idx"),
+            ("truncated_bin", idx, data[:4], ".bin")]
+
+
+def _assert_one_clear_line(check, prefix, culprit):
+    with pytest.raises(ValueError) as err:
+        check()
+    msg = str(err.value)
+    assert msg.startswith(f"--data-path {prefix}: {prefix}{culprit} ") and "\n" not in msg
+    assert "tools/preprocess_data.py" in msg
+
+
+def test_bad_index_files_give_one_clear_line(tmp_path, monkeypatch):
+    unraisable = []  # megatron's __del__ on a half-built IndexedDataset would land here
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    for name, idx, data, culprit in _bad_files(tmp_path):
+        prefix = str(tmp_path / name)
+        with open(prefix + ".idx", "wb") as f:
+            f.write(idx)
+        with open(prefix + ".bin", "wb") as f:
+            f.write(data)
+        _assert_one_clear_line(lambda: DataConfig(data_path=[prefix]), prefix, culprit)
+        _assert_one_clear_line(lambda: num_sequences(prefix), prefix, culprit)
+    gc.collect()
+    assert not unraisable, [str(u.exc_value) for u in unraisable]
 
 
 # ---------------------------------------------------------------- pre-tokenized data
-def write_pretokenized(prefix, docs, dtype=numpy.uint16):
-    """A Megatron indexed dataset of given id lists, written by megatron-core's own builder
-    (what Megatron-LM's preprocess_data.py produces with any tokenizer)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
-    for doc in docs:
-        builder.add_document(numpy.asarray(doc, dtype=numpy.int64), [len(doc)])
-    builder.finalize(prefix + ".idx")
-
-
 def test_null_tokenizer_reads_pretokenized_data(tmp_path):
-    from megatron_ext.data.builder import max_token_id
-
     rng = numpy.random.default_rng(0)
     prefix = str(tmp_path / "bpe")
     write_pretokenized(prefix, [rng.integers(0, 1000, 50 + i).tolist() for i in range(30)])

@@ -1,13 +1,13 @@
 """GNS with --gns-include-embedding: word embedding + output layer, tied and untied.
 
-Runs tests/dist/gns_worker.py (see tests/test_gns_tracker.py) and compares the tracker's
+Runs tests/dist/gns_worker.py (through tests/gns_helpers.py) and compares the tracker's
 per-sample |g_i|^2 and |G_B|^2 with a brute-force loop over single samples.
 """
 import math
 
 import pytest
 
-from test_gns_tracker import assert_close, run_worker
+from gns_helpers import assert_close, run_worker
 
 
 @pytest.fixture(scope="module")

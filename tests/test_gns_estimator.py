@@ -8,11 +8,16 @@ import pytest
 from megatron_ext.gns import GNSConfig, GNSEstimator, GNSMeasurement, add_gns_args
 
 
+def _per_sample(est, norms, gb, tokens=0):
+    """The per-sample estimator's call: small batches of 1 sample, B = len(norms)."""
+    return est.update(norms, 1, gb, len(norms), tokens)
+
+
 # ---------------------------------------------------------------- hand-computed formulas
 def test_per_sample_formula_hand_computed():
     # B=4, mean_sq = (1+2+3+6)/4 = 3, |G_B|^2 = 1
     est = GNSEstimator(ema_decay=0.5)
-    m = est.update_per_sample([1.0, 2.0, 3.0, 6.0], 1.0, tokens=100)
+    m = _per_sample(est, [1.0, 2.0, 3.0, 6.0], 1.0, tokens=100)
     assert isinstance(m, GNSMeasurement)
     assert m.trace_sigma == pytest.approx(4 / 3 * (3 - 1))      # B/(B-1) (mean_sq - |G_B|^2)
     assert m.grad_sq_norm == pytest.approx((4 * 1 - 3) / 3)     # (B|G_B|^2 - mean_sq)/(B-1)
@@ -21,13 +26,13 @@ def test_per_sample_formula_hand_computed():
     assert est.grad_sq_norm_ema == pytest.approx(1 / 3)
     assert est.b_simple == pytest.approx(8.0)
     assert m.b_simple_raw == pytest.approx(8.0)
-    assert est.tokens_seen == 100 and est.num_updates == 1
+    assert m.tokens == 100 and est.num_updates == 1 and m.batch_size == 4
 
 
 def test_ratio_of_emas_not_ema_of_ratios():
     est = GNSEstimator(ema_decay=0.5)
-    est.update_per_sample([1.0, 2.0, 3.0, 6.0], 1.0)   # tr=8/3, |G|^2=1/3
-    est.update_per_sample([2.0, 2.0], 1.5)              # tr=2*(2-1.5)=1, |G|^2=(3-2)/1=1
+    _per_sample(est, [1.0, 2.0, 3.0, 6.0], 1.0)   # tr=8/3, |G|^2=1/3
+    _per_sample(est, [2.0, 2.0], 1.5)              # tr=2*(2-1.5)=1, |G|^2=(3-2)/1=1
     # bias-corrected EMA, decay 0.5: weights 0.25/0.75 and 0.5/0.75
     tr = (0.25 * 8 / 3 + 0.5 * 1.0) / 0.75
     g = (0.25 * 1 / 3 + 0.5 * 1.0) / 0.75
@@ -39,20 +44,20 @@ def test_ratio_of_emas_not_ema_of_ratios():
 def test_two_batch_formula_hand_computed():
     est = GNSEstimator(ema_decay=0.9, estimator="data-parallel")
     # |G_small|^2 = mean(3, 5) = 4 over 2 samples, |G_big|^2 = 2 over 8 samples
-    m = est.update_two_batch([3.0, 5.0], 2, 2.0, 8, tokens=8)
+    m = est.update([3.0, 5.0], 2, 2.0, 8, tokens=8)
     assert m.grad_sq_norm == pytest.approx((8 * 2 - 2 * 4) / (8 - 2))
     assert m.trace_sigma == pytest.approx((4 - 2) / (1 / 2 - 1 / 8))
     assert est.b_simple == pytest.approx(m.trace_sigma / m.grad_sq_norm)
     # a scalar small norm is accepted too
-    m2 = GNSEstimator(estimator="data-parallel").update_two_batch(4.0, 2, 2.0, 8)
+    m2 = GNSEstimator(estimator="data-parallel").update(4.0, 2, 2.0, 8, 8)
     assert m2.trace_sigma == pytest.approx(m.trace_sigma)
 
 
 def test_two_batch_equals_per_sample_when_small_is_one_sample():
     # With B_small = 1 and the mean over all samples, both estimators coincide.
     norms, gb = [1.0, 2.0, 3.0, 6.0], 1.0
-    a = GNSEstimator().update_per_sample(norms, gb)
-    b = GNSEstimator(estimator="data-parallel").update_two_batch(norms, 1, gb, 4)
+    a = _per_sample(GNSEstimator(), norms, gb)
+    b = GNSEstimator(estimator="data-parallel").update(norms, 1, gb, 4, 0)
     assert a.trace_sigma == pytest.approx(b.trace_sigma)
     assert a.grad_sq_norm == pytest.approx(b.grad_sq_norm)
 
@@ -60,22 +65,20 @@ def test_two_batch_equals_per_sample_when_small_is_one_sample():
 def test_b_simple_none_before_update_and_when_denominator_not_positive():
     est = GNSEstimator()
     assert est.b_simple is None and est.grad_sq_norm_ema is None
-    m = est.update_per_sample([5.0, 5.0], 4.0)  # |G|^2 = (2*4-5)/1 = 3 > 0
+    m = _per_sample(est, [5.0, 5.0], 4.0)  # |G|^2 = (2*4-5)/1 = 3 > 0
     assert est.b_simple is not None
     est2 = GNSEstimator()
-    m = est2.update_per_sample([5.0, 5.0], 1.0)  # |G|^2 = (2-5) = -3
+    m = _per_sample(est2, [5.0, 5.0], 1.0)  # |G|^2 = (2-5) = -3
     assert m.grad_sq_norm < 0 and est2.b_simple is None and m.b_simple_raw is None
 
 
 def test_mode_mismatch_and_bad_batches_raise():
-    with pytest.raises(RuntimeError):
-        GNSEstimator().update_two_batch(1.0, 1, 1.0, 2)
-    with pytest.raises(RuntimeError):
-        GNSEstimator(estimator="data-parallel").update_per_sample([1.0, 2.0], 1.0)
+    with pytest.raises(ValueError, match="per-sample"):  # per-sample norms are batches of 1
+        GNSEstimator().update([1.0, 2.0], 2, 1.0, 4, 0)
     with pytest.raises(ValueError):
-        GNSEstimator().update_per_sample([1.0], 1.0)
+        _per_sample(GNSEstimator(), [1.0], 1.0)  # B >= 2
     with pytest.raises(ValueError):
-        GNSEstimator(estimator="data-parallel").update_two_batch(1.0, 4, 1.0, 4)
+        GNSEstimator(estimator="data-parallel").update(1.0, 4, 1.0, 4, 0)
     with pytest.raises(ValueError):
         GNSEstimator(ema_decay=1.0)
 
@@ -83,7 +86,7 @@ def test_mode_mismatch_and_bad_batches_raise():
 # ---------------------------------------------------------------- NaN handling
 def test_nonfinite_per_sample_norms_are_skipped_and_counted():
     est = GNSEstimator(ema_decay=0.5)
-    m = est.update_per_sample([1.0, float("nan"), 3.0, float("inf")], 1.0, tokens=10)
+    m = _per_sample(est, [1.0, float("nan"), 3.0, float("inf")], 1.0, tokens=10)
     # B stays 4 (G_B averaged all 4 samples), mean_sq over the finite ones = 2
     assert m.trace_sigma == pytest.approx(4 / 3 * (2 - 1))
     assert m.grad_sq_norm == pytest.approx((4 - 2) / 3)
@@ -92,17 +95,20 @@ def test_nonfinite_per_sample_norms_are_skipped_and_counted():
 
 def test_nonfinite_batch_norm_skips_step():
     est = GNSEstimator()
-    est.update_per_sample([1.0, 2.0, 3.0, 6.0], 1.0, tokens=5)
+    _per_sample(est, [1.0, 2.0, 3.0, 6.0], 1.0, tokens=5)
     before = est.state_dict()
-    assert est.update_per_sample([1.0, 2.0], float("nan"), tokens=7) is None
-    assert est.update_per_sample([float("nan"), float("inf")], 1.0, tokens=7) is None
+    assert _per_sample(est, [1.0, 2.0], float("nan"), tokens=12) is None
+    assert _per_sample(est, [float("nan"), float("inf")], 1.0, tokens=19) is None
     assert est.num_skipped_steps == 2 and est.num_updates == 1
-    assert est.tokens_seen == 5 + 14  # tokens keep counting
     assert est.b_simple == pytest.approx(8.0)  # unchanged by the skipped steps
     assert est.trace_sigma_ema == pytest.approx(before["trace_ema_biased"] / (1 - est.ema_decay))
+    # skipped steps' tokens still count: the caller's running total reaches the next update
+    assert _per_sample(est, [1.0, 2.0, 3.0, 6.0], 1.0, tokens=5 + 14 + 5).tokens == 24
+    est.skip_step()
+    assert est.num_skipped_steps == 3
     d = GNSEstimator(estimator="data-parallel")
-    assert d.update_two_batch([float("nan")], 1, 1.0, 4) is None
-    assert d.update_two_batch([1.0, float("nan")], 1, float("inf"), 4) is None
+    assert d.update([float("nan")], 1, 1.0, 4, 0) is None
+    assert d.update([1.0, float("nan")], 1, float("inf"), 4, 0) is None
     assert d.num_skipped_steps == 2 and d.num_skipped_samples == 2
 
 
@@ -121,11 +127,12 @@ def _synthetic(seed, d=64, trace=32.0):
 def test_recovers_known_noise_scale_per_sample(seed):
     rng, mu, sd, true_b = _synthetic(seed)
     est = GNSEstimator(ema_decay=0.998)
-    for _ in range(2000):
+    for step in range(2000):
         g = mu + sd * rng.normal(size=(32, mu.size))  # [B, d] per-sample gradients
-        est.update_per_sample((g ** 2).sum(1), float((g.mean(0) ** 2).sum()), tokens=32 * 64)
+        m = _per_sample(est, (g ** 2).sum(1).tolist(), float((g.mean(0) ** 2).sum()),
+                        tokens=(step + 1) * 32 * 64)
     assert est.b_simple == pytest.approx(true_b, rel=0.05)
-    assert est.tokens_seen == 2000 * 32 * 64
+    assert m.tokens == 2000 * 32 * 64
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -136,8 +143,8 @@ def test_recovers_known_noise_scale_two_batch(seed):
     for _ in range(2000):
         g = mu + sd * rng.normal(size=(ranks * per_rank, mu.size))
         small = g.reshape(ranks, per_rank, -1).mean(1)  # [ranks, d] per-rank gradients
-        est.update_two_batch((small ** 2).sum(1), per_rank,
-                             float((g.mean(0) ** 2).sum()), ranks * per_rank)
+        est.update((small ** 2).sum(1), per_rank, float((g.mean(0) ** 2).sum()),
+                   ranks * per_rank, 0)
     assert est.b_simple == pytest.approx(true_b, rel=0.05)
 
 
@@ -150,8 +157,8 @@ def test_state_dict_round_trip_is_exact(mode):
 
     def step(est, norms, gb):
         if mode == "per-sample":
-            return est.update_per_sample(norms, gb, tokens=11)
-        return est.update_two_batch(norms, 2, gb, 16, tokens=11)
+            return _per_sample(est, norms, gb, tokens=11)
+        return est.update(norms, 2, gb, 16, tokens=11)
 
     a = GNSEstimator(0.9, mode)
     for norms, gb in feed[:20]:
@@ -165,6 +172,16 @@ def test_state_dict_round_trip_is_exact(mode):
         ma, mb = step(a, norms, gb), step(b, norms, gb)
         assert ma == mb  # bit-identical dataclasses
     assert a.state_dict() == b.state_dict()
+
+
+def test_loads_old_state_that_counted_tokens():
+    # States written before the caller owned the token count also hold "tokens_seen".
+    a = GNSEstimator(0.9)
+    m = _per_sample(a, [1.0, 2.0, 3.0, 6.0], 1.0, tokens=7)
+    old = dict(a.state_dict(), tokens_seen=7)
+    b = GNSEstimator()
+    b.load_state_dict(old)
+    assert b.state_dict() == a.state_dict() and b.last == m
 
 
 # ---------------------------------------------------------------- config
@@ -200,7 +217,7 @@ def test_plot_writes_png(tmp_path):
     est = GNSEstimator(0.5)
     hist = []
     for i in range(5):
-        m = est.update_per_sample([1.0 + i, 2.0, 3.0, 6.0], 1.0, tokens=1000)
+        m = _per_sample(est, [1.0 + i, 2.0, 3.0, 6.0], 1.0, tokens=1000 * (i + 1))
         hist.append(m.to_dict())
     path = tmp_path / "gns.png"
     assert plot_gns_history(hist, path)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from test_gns_tracker import assert_close, run_worker
+from gns_helpers import assert_close, run_worker
 
 
 @pytest.fixture(scope="module")

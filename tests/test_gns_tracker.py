@@ -4,47 +4,11 @@ Each case runs tests/dist/gns_worker.py under torchrun and compares the tracker'
 |g_i|^2 and |G_B|^2 with a brute-force loop over single samples (one Megatron
 forward/backward per sample) and/or with the TP=1 run on identical weights and data.
 """
-import json
 import math
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "dist", "gns_worker.py")
-RTOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_worker(tmp_path, nproc, *args, triton_interpret=False):
-    """Run the worker; the CPU path is the PyTorch reference unless `triton_interpret`."""
-    out = tmp_path / f"gns_{nproc}_{'_'.join(a.strip('-') for a in args) or 'default'}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(_free_port()), WORKER, "--out", str(out), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)  # the PyTorch reference path is the CPU path
-    if triton_interpret:  # the Triton kernels themselves, in Triton's CPU interpreter
-        env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    with open(out) as f:
-        return json.load(f)
-
-
-def assert_close(a, b, rtol=RTOL):
-    assert a is not None and b is not None
-    a, b = list(a) if isinstance(a, list) else [a], list(b) if isinstance(b, list) else [b]
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert math.isclose(x, y, rel_tol=rtol), (a, b)
+from gns_helpers import assert_close, run_worker
 
 
 @pytest.fixture(scope="module")

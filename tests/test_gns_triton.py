@@ -4,7 +4,7 @@ The other GNS tests run the kernels' PyTorch reference (the CPU training path); 
 fused kernels themselves run inside a real Megatron TP=2 + SP step (gathered inputs,
 non-contiguous grads, tied embedding) and must match the brute force.
 """
-from test_gns_tracker import assert_close, run_worker
+from gns_helpers import assert_close, run_worker
 
 
 def test_tp2_sequence_parallel_tied_embedding_with_triton_kernels(tmp_path):

@@ -8,7 +8,7 @@ from megatron_ext.memory_planner import (GIB, MemoryPlannerConfig, ModelShape, P
                                          add_memory_planner_args, best_config, estimate_memory,
                                          longest_sequence, main, max_micro_batch_size)
 from megatron_ext.memory_planner.estimate import (activation_bytes, largest_transient_bytes,
-                                                  logits_bytes)
+                                                  logits_bytes, stage_params)
 
 NO_EXTRAS = dict(overhead_bytes=0, fragmentation=1.0, block_slack=False)
 
@@ -28,6 +28,20 @@ def test_num_params_gpt2_small():
     assert m.layer_params() == per_layer
     assert m.num_params() == 12 * per_layer + 50304 * h + 2 * h  # padded vocab, final LN
     assert replace(m, untie_embeddings=True).num_params() == m.num_params() + 50304 * h
+    # the same ModelShape as the cost model; no biases / RMSNorm drop those parameters
+    lean = replace(m, add_bias_linear=False, normalization="RMSNorm")
+    assert lean.layer_params() == 12 * h * h + 2 * h
+
+
+def test_stage_params_cover_the_model():
+    m = small_model(untie_embeddings=True, position_embedding_type="learned_absolute",
+                    normalization="RMSNorm", add_bias_linear=False, swiglu=True)
+    stages = [stage_params(m, ParallelLayout(pp=2), s) for s in (0, 1)]
+    assert sum(stages) == m.num_params() == estimate_memory(m, ParallelLayout()).params_per_gpu
+    assert stages[0] - stages[1] == 4096 * 2048 - 2048  # position table vs final RMSNorm
+    # tied embeddings with pp > 1: the last stage keeps its own copy of the word embedding
+    tied = replace(m, untie_embeddings=False)
+    assert sum(stage_params(tied, ParallelLayout(pp=2), s) for s in (0, 1)) == m.num_params()
 
 
 def test_static_memory_bytes_per_param():
@@ -82,6 +96,9 @@ def test_gqa_and_swiglu_terms():
     gl = activation_bytes(small_model(ffn_hidden_size=f), ParallelLayout())["stored"]
     sw = activation_bytes(small_model(ffn_hidden_size=f, swiglu=True), ParallelLayout())["stored"]
     assert sw - gl == 8 * 2 * s * f  # SwiGLU keeps both halves of the 2f-wide fc1 output
+    # head dim d = 64 instead of h/a = 128: Q, K, V and the attention output are half as wide
+    narrow = activation_bytes(small_model(kv_channels=64), ParallelLayout())["stored"]
+    assert base - narrow == 8 * (2 + 4 + 2) * s * (h // 2)
 
 
 def test_full_recompute_uniform_and_block():
@@ -279,6 +296,20 @@ def test_cli_main_runs(capsys):
     for needle in ("recompute=none", "recompute=selective", "recompute=full", "(requested)",
                    "longest sequence", "fastest fitting layouts", "total"):
         assert needle in out, needle
+
+
+def test_cli_model_flags(capsys):
+    base = ["--num-layers", "8", "--hidden-size", "1024", "--num-attention-heads", "8",
+            "--seq-length", "8192", "--world-size", "1"]
+    assert main(base + ["--swiglu", "--num-query-groups", "2", "--disable-bias-linear",
+                        "--normalization", "RMSNorm", "--ffn-hidden-size", "2816"]) == 0
+    out = capsys.readouterr().out
+    lean = ModelShape(8, 1024, 8, 8192, 50304, ffn_hidden_size=2816, num_query_groups=2,
+                      swiglu=True, add_bias_linear=False, normalization="RMSNorm",
+                      untie_embeddings=False)
+    assert f"{lean.num_params() / 1e9:.3f}B params" in out and "heads=8/2 groups" in out
+    with pytest.raises(SystemExit):  # a bad shape is a usage error naming the fix
+        main(base + ["--num-query-groups", "3"])
 
 
 def test_cli_module_entry_point():

@@ -1,7 +1,6 @@
 """Context parallelism: ring attention (2 CPU ranks via torchrun) and the load-balanced split."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from launch import free_port
 from megatron_ext.model.ring_attention import (
     block_attention_backward,
     block_attention_forward,
@@ -18,12 +18,6 @@ from megatron_ext.model.ring_attention import (
 )
 
 WORKER = Path(__file__).parent / "dist" / "ring_attention_worker.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_split_is_load_balanced_and_merges_back():
@@ -63,7 +57,7 @@ def test_ring_attention_cp2_matches_full_attention():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER),
     ]
     proc = subprocess.run(
         cmd, cwd=WORKER.parents[2], env=env, capture_output=True, text=True, timeout=120

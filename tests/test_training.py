@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from launch import SCRIPT, TINY, losses, run_pretrain
+from launch import SCRIPT, TINY, losses, read_metrics, run_pretrain
 
 ITERS = 6
 
@@ -206,7 +206,7 @@ def test_trains_on_pretokenized_megatron_data(tmp_path):
     """Data tokenized elsewhere (e.g. Megatron-LM + BPE): --tokenizer-type NullTokenizer."""
     import numpy
 
-    from test_data import write_pretokenized
+    from data_helpers import write_pretokenized
 
     rng = numpy.random.default_rng(1)
     prefix = str(tmp_path / "bpe")
@@ -219,3 +219,23 @@ def test_trains_on_pretokenized_megatron_data(tmp_path):
     assert "vocab 3001 padded to 3072" in proc.stdout
     assert sorted(losses(out)) == [1, 2, 3]
     assert abs(losses(out)[1] - math.log(3001)) < 0.5  # starts near uniform over the vocab
+
+
+def test_logged_tflops_of_a_swiglu_gqa_model_match_a_hand_count(tmp_path, data_cache):
+    """TFLOP/s/GPU in the log = model FLOPs per sample x batch / step time / GPUs, with the
+    FLOPs counted as Megatron-LM counts them (SwiGLU: 3 MLP GEMMs; GQA: narrower K/V;
+    causal attention: half the scores)."""
+    out = tmp_path / "m.jsonl"
+    run_pretrain(1, [*TINY, "--train-iters", "2", "--swiglu", "--num-query-groups", "2",
+                     "--disable-bias-linear", "--data-cache-path", str(data_cache),
+                     "--log-json", str(out)], tmp_path)
+    # L=4, h=64, 4 heads of 16, 2 K/V groups (kv=32), f=256, s=32, vocab 257 padded to 512
+    per_token = (6 * 4 * 64 * (64 + 2 * 32)   # QKV projection
+                 + 6 * 4 * 64 * 64            # output projection
+                 + 6 * 4 * 64 * 32            # QK^T and PV, halved by the causal mask
+                 + 6 * 4 * 64 * 256 * 3       # SwiGLU MLP: gate, up, down
+                 + 6 * 64 * 512)              # logits
+    assert per_token == 1_720_320
+    for row in [r for r in read_metrics(out) if "lm_loss" in r]:
+        expected = per_token * 32 * 4 / (row["iteration_time_ms"] / 1e3) / 1 / 1e12
+        assert row["tflops_per_gpu"] == pytest.approx(expected, rel=1e-9)

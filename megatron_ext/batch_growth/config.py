@@ -11,18 +11,22 @@ configs are built separately.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import List, Optional
+
+from megatron_ext.config_flags import FlagConfig
 
 GROWTH_RULES = ("off", "ramp", "gns", "goodput")
 LR_SCALING_RULES = ("none", "sqrt", "linear", "adascale")
 
 
 @dataclass
-class BatchGrowthConfig:
+class BatchGrowthConfig(FlagConfig):
     """Dynamic global-batch growth driven by the gradient noise scale."""
 
-    batch_growth: str = "off"
+    flag_group = "dynamic global batch"
+
+    batch_growth: str = field(default="off", metadata={"argparse": {"choices": GROWTH_RULES}})
     """Rule that picks the next global batch: `off` (fixed), `ramp` (Megatron-style fixed
     ramp from --rampup-batch-size), `gns` (k * B_simple, McCandlish et al. 2018) or
     `goodput` (maximise throughput x statistical efficiency, Pollux, Qiao et al. OSDI'21)."""
@@ -56,11 +60,12 @@ class BatchGrowthConfig:
     """EMA decay of the per-batch-size correction factor measured/predicted step time
     (`goodput` rule); 0 = use only the latest measurement."""
 
-    rampup_batch_size: Optional[List[int]] = None
+    rampup_batch_size: Optional[List[int]] = field(default=None, metadata={"argparse": {
+        "nargs": 3, "metavar": ("START", "INCREMENT", "SAMPLES")}})
     """`ramp` rule: START INCREMENT SAMPLES, Megatron semantics: start at START and add
     INCREMENT every SAMPLES / ((max - START) / INCREMENT) consumed samples."""
 
-    lr_scaling: str = "none"
+    lr_scaling: str = field(default="none", metadata={"argparse": {"choices": LR_SCALING_RULES}})
     """LR scale relative to the initial global batch: none, sqrt, linear (Goyal et al.
     2017) or adascale (gain ratio, Johnson et al. 2020; needs the noise scale)."""
 
@@ -88,6 +93,9 @@ class BatchGrowthConfig:
             raise ValueError(
                 f"--batch-growth-max ({self.batch_growth_max}) is below --batch-growth-min "
                 f"({self.batch_growth_min}); raise the max or lower the min")
+        if self.batch_growth == "off" and self.lr_scaling != "none":
+            raise ValueError(f"--lr-scaling {self.lr_scaling} rescales the LR when the batch "
+                             "grows: add --batch-growth (ramp, gns or goodput) or drop it")
         if self.batch_growth != "off" and self.batch_growth_max is None:
             raise ValueError(
                 f"--batch-growth={self.batch_growth} needs an upper bound: set "
@@ -127,9 +135,10 @@ class BatchGrowthConfig:
         if start > self.batch_growth_max:
             raise ValueError(f"--rampup-batch-size START ({start}) exceeds --batch-growth-max "
                              f"({self.batch_growth_max}); lower START or raise the max")
-        if (self.batch_growth_max - start) < inc and self.batch_growth_max != start:
-            raise ValueError(f"--rampup-batch-size INCREMENT ({inc}) is larger than max-START "
-                             f"({self.batch_growth_max - start}); no increment fits")
+        if (self.batch_growth_max - start) % inc:
+            raise ValueError(f"--rampup-batch-size: --batch-growth-max - START "
+                             f"({self.batch_growth_max - start}) must be a multiple of INCREMENT "
+                             f"({inc}), as in Megatron's ramp; adjust one of them")
 
     def validate_against(self, gns_enabled: bool) -> None:
         """Cross-check with the gradient-noise-scale config (separate feature).
@@ -155,13 +164,6 @@ class BatchGrowthConfig:
             hi = max(lo, initial_global_batch)
         return lo, hi
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "BatchGrowthConfig":
-        kw = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        if kw.get("rampup_batch_size") is not None:
-            kw["rampup_batch_size"] = [int(x) for x in kw["rampup_batch_size"]]
-        return cls(**kw)
-
 
 def add_batch_growth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the "dynamic global batch" argparse group; flags map 1:1 to config fields.
@@ -169,35 +171,5 @@ def add_batch_growth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     `--rampup-batch-size` is skipped if the parser already has it (Megatron's own parser
     defines it with the same meaning), so both can be combined.
     """
-    d = BatchGrowthConfig()
-    g = parser.add_argument_group("dynamic global batch")
-    g.add_argument("--batch-growth", choices=GROWTH_RULES, default=d.batch_growth,
-                   help="rule that grows the global batch during training")
-    g.add_argument("--batch-growth-min", type=int, default=None,
-                   help="lower bound of the global batch (default: the initial one)")
-    g.add_argument("--batch-growth-max", type=int, default=None,
-                   help="upper bound of the global batch (final batch of a ramp)")
-    g.add_argument("--batch-growth-interval", type=int, default=d.batch_growth_interval,
-                   help="optimizer steps between growth decisions")
-    g.add_argument("--batch-growth-interval-tokens", type=int, default=None,
-                   help="decide every N consumed tokens instead of every N steps")
-    g.add_argument("--batch-growth-k", type=float, default=d.batch_growth_k,
-                   help="gns rule: target global batch = k * B_simple")
-    g.add_argument("--batch-growth-threshold", type=float, default=d.batch_growth_threshold,
-                   help="grow only if the predicted gain ratio is at least this")
-    g.add_argument("--batch-growth-min-steps", type=int, default=d.batch_growth_min_steps,
-                   help="grow only after this many steps at the current batch")
-    g.add_argument("--batch-growth-step-time-ema", type=float,
-                   default=d.batch_growth_step_time_ema,
-                   help="EMA decay of the measured/predicted step-time correction")
-    if "--rampup-batch-size" not in parser._option_string_actions:
-        g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None,
-                       metavar=("START", "INCREMENT", "SAMPLES"),
-                       help="ramp rule: Megatron-style batch-size ramp-up")
-    g.add_argument("--lr-scaling", choices=LR_SCALING_RULES, default=d.lr_scaling,
-                   help="scale the LR with the global batch relative to the initial one")
-    g.add_argument("--topology", type=str, default=d.topology,
-                   help="cluster spec for the step-time model, or `auto`")
-    g.add_argument("--mfu-assumed", type=float, default=d.mfu_assumed,
-                   help="model-FLOPs utilisation assumed by the step-time model")
-    return parser
+    skip = ["rampup_batch_size"] if "--rampup-batch-size" in parser._option_string_actions else []
+    return BatchGrowthConfig.add_args(parser, skip=skip)

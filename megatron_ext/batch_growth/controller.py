@@ -1,11 +1,18 @@
 """Controller that grows the global batch during training (never shrinks it).
 
-Main API: `BatchController(config, initial_global_batch, planner=None, granularity=None)`
-with `step(iteration, tokens, b_simple, step_time_s) -> Optional[int]` (the new global batch
-when it changes, else None), `last_decision`, `history`, `state_dict()` / `load_state_dict()`.
+Main API: `BatchController(config, initial_global_batch, planner=None, granularity=None,
+ramp=None)` with `step(progress, b_simple, step_time_s) -> Optional[int]` (the new global
+batch when it should change, else None), `last_decision`, `history`, `state_dict()` /
+`load_state_dict()`; `Progress` is what it reads of the run.
+
+The controller owns only its decision state (hysteresis counters, step-time corrections,
+history). Where the run stands (iteration, consumed samples and tokens, the current global
+batch) is read from the caller's `Progress`, which comes from the training state, the one
+owner of those numbers; the caller applies the returned batch.
 
 Rules (`--batch-growth`):
-  ramp     Megatron's --rampup-batch-size schedule over consumed samples.
+  ramp     Megatron's --rampup-batch-size schedule over consumed samples, computed by
+           megatron-core's own ramp-up calculator (`ramp.py`), then rounded to a valid batch.
   gns      target k * B_simple (McCandlish et al. 2018, "An Empirical Model of Large-Batch
            Training": the critical batch is ~B_noise ~ B_simple), clamped and rounded down.
   goodput  argmax_B throughput(B) * efficiency(B), efficiency(B) = (B_noise + B0) /
@@ -20,11 +27,25 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from .config import BatchGrowthConfig
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the run stands after a completed optimizer step (read from the train state)."""
+
+    iteration: int
+    """Completed optimizer steps."""
+    consumed_samples: int
+    """Samples of all completed steps."""
+    consumed_tokens: int
+    """Tokens of all completed steps."""
+    global_batch: int
+    """The global batch the run uses now."""
 
 
 @dataclass
@@ -52,10 +73,12 @@ class BatchController:
     """Decides when and how far to grow the global batch."""
 
     def __init__(self, config: BatchGrowthConfig, initial_global_batch: int,
-                 planner=None, granularity: Optional[int] = None):
+                 planner=None, granularity: Optional[int] = None,
+                 ramp: Optional[Callable[[int], int]] = None):
         """`planner` (a BatchPlanner) defines the valid batches and the step-time model
         (required for `goodput`); without it batches are multiples of `granularity`
-        (micro_batch_size * dp; default 1)."""
+        (micro_batch_size * dp; default 1). `ramp` maps consumed samples to the ramp's
+        target batch (default: megatron-core's calculator for --rampup-batch-size)."""
         if initial_global_batch < 1:
             raise ValueError(f"initial_global_batch must be >= 1, got {initial_global_batch}")
         if config.batch_growth == "goodput" and planner is None:
@@ -71,38 +94,40 @@ class BatchController:
         if planner is None and initial_global_batch % self.granularity:
             raise ValueError(f"initial global batch {initial_global_batch} is not a multiple "
                              f"of granularity {self.granularity}")
+        if config.batch_growth == "ramp" and ramp is None:
+            from .ramp import megatron_rampup
+
+            ramp = megatron_rampup(*config.rampup_batch_size, final=config.batch_growth_max)
+        self.ramp = ramp
         self.base_global_batch = initial_global_batch
         self.lo, self.hi = config.bounds(initial_global_batch)
-        self.current = initial_global_batch
         self.changed_at_iteration = 0
         self.last_decision_iteration = 0
         self.last_decision_tokens = 0
-        self.last_iteration = 0
-        self.consumed_samples = 0
         self.correction: Dict[int, float] = {}
         self.last_decision: Optional[Decision] = None
         self.history: List[dict] = []
 
     # ------------------------------------------------------------------ helpers
-    def _round_down(self, target: float) -> Optional[int]:
-        """Largest valid batch in [current, target] (None if only current or none)."""
+    def _round_down(self, target: float, current: int) -> Optional[int]:
+        """Largest valid batch in (current, target] (None if there is none)."""
         target = int(math.floor(target))
-        if target <= self.current:
+        if target <= current:
             return None
         if self.planner is not None:
-            valid = self.planner.valid_global_batches(self.current + 1, target)
+            valid = self.planner.valid_global_batches(current + 1, target)
             return valid[-1] if valid else None
         b = target - target % self.granularity
-        return b if b > self.current else None
+        return b if b > current else None
 
-    def _candidates(self) -> List[int]:
-        lo = max(self.current, self.lo)
+    def _candidates(self, current: int) -> List[int]:
+        lo = max(current, self.lo)
         if self.planner is not None:
             cands = self.planner.valid_global_batches(lo, self.hi)
         else:
             start = -(-lo // self.granularity) * self.granularity
             cands = list(range(start, self.hi + 1, self.granularity))
-        return sorted(set(cands) | {self.current})
+        return sorted(set(cands) | {current})
 
     def _correction_for(self, batch: int) -> float:
         """Measured/predicted step-time factor; unmeasured sizes borrow the nearest measured
@@ -122,143 +147,128 @@ class BatchController:
         throughput = batch / self.predicted_step_time(batch)
         return throughput * pollux_efficiency(b_noise, batch, self.base_global_batch)
 
-    def _record_step_time(self, step_time_s: float) -> None:
+    def _record_step_time(self, batch: int, step_time_s: Optional[float]) -> None:
         if self.planner is None or not step_time_s or step_time_s <= 0:
             return
-        ratio = step_time_s / self.planner.plan(self.current).predicted_step_time_s
+        ratio = step_time_s / self.planner.plan(batch).predicted_step_time_s
         ema = self.config.batch_growth_step_time_ema
-        old = self.correction.get(self.current)
-        self.correction[self.current] = ratio if old is None else ema * old + (1 - ema) * ratio
+        old = self.correction.get(batch)
+        self.correction[batch] = ratio if old is None else ema * old + (1 - ema) * ratio
 
-    def current_plan(self):
-        """The planner's Plan (micro-batch, accumulation steps) for the current batch."""
-        return self.planner.plan(self.current) if self.planner is not None else None
+    def plan(self, batch: int):
+        """The planner's Plan (micro-batch, accumulation steps) for `batch`, or None."""
+        return self.planner.plan(batch) if self.planner is not None else None
 
     # ------------------------------------------------------------------ rules
-    def _ramp_target(self) -> int:
-        start, inc, samples = self.config.rampup_batch_size
-        final = self.hi
-        n_inc = max(1, (final - start) // inc)
-        per_inc = samples / n_inc  # consumed samples per increment (Megatron semantics)
-        return max(self.lo, min(final, start + int(self.consumed_samples / per_inc) * inc))
-
-    def _decide_ramp(self):
-        target = self._ramp_target()
-        cand = self._round_down(target)
-        gain = target / self.current
+    def _decide_ramp(self, p: Progress):
+        target = max(self.lo, min(self.hi, self.ramp(p.consumed_samples)))
+        cand = self._round_down(target, p.global_batch)
+        gain = target / p.global_batch
         if cand is None:
-            return None, gain, f"ramp target {target} at {self.consumed_samples} samples"
-        return cand, gain, f"ramp: {self.consumed_samples} samples consumed -> {target}"
+            return None, gain, f"ramp target {target} at {p.consumed_samples} samples"
+        return cand, gain, f"ramp: {p.consumed_samples} samples consumed -> {target}"
 
-    def _decide_gns(self, b_simple: float):
+    def _decide_gns(self, b_simple: float, current: int):
         k = self.config.batch_growth_k
         target = min(max(k * b_simple, self.lo), self.hi)
-        cand = self._round_down(target)
+        cand = self._round_down(target, current)
         if cand is None:
-            return None, target / self.current, (
+            return None, target / current, (
                 f"gns: target {k:g}*B_simple={k * b_simple:.1f} (clamped {target:.0f}) "
-                f"has no valid batch above {self.current}")
-        gain = cand / self.current
-        return cand, gain, (f"gns: target {k:g}*B_simple={k * b_simple:.1f} clamped to "
-                            f"[{self.lo}, {self.hi}] -> valid {cand}")
+                f"has no valid batch above {current}")
+        return cand, cand / current, (f"gns: target {k:g}*B_simple={k * b_simple:.1f} clamped "
+                                      f"to [{self.lo}, {self.hi}] -> valid {cand}")
 
-    def _decide_goodput(self, b_simple: float):
-        cands = self._candidates()
+    def _decide_goodput(self, b_simple: float, current: int):
+        cands = self._candidates(current)
         scores = {b: self.goodput(b, b_simple) for b in cands}
         best = max(cands, key=lambda b: (scores[b], -b))  # ties: smaller batch
-        gain = scores[best] / scores[self.current]
-        if best == self.current:
-            return None, 1.0, (f"goodput: current {self.current} is best among "
+        gain = scores[best] / scores[current]
+        if best == current:
+            return None, 1.0, (f"goodput: current {current} is best among "
                                f"{len(cands)} candidates (B_noise={b_simple:.1f})")
         return best, gain, (f"goodput: B={best} goodput {scores[best]:.1f} vs "
-                            f"{scores[self.current]:.1f} at {self.current} "
+                            f"{scores[current]:.1f} at {current} "
                             f"(B_noise={b_simple:.1f}, {len(cands)} candidates)")
 
-    # ------------------------------------------------------------------ main entry
-    def step(self, iteration: int, tokens: int, b_simple: Optional[float] = None,
-             step_time_s: Optional[float] = None) -> Optional[int]:
-        """Call after every optimizer step. `iteration` = completed optimizer steps,
-        `tokens` = consumed tokens, `b_simple` = the B_simple EMA (None/NaN/<=0 when not
-        yet available), `step_time_s` = measured time of the step that just ran.
-        Returns the new global batch if it grows now, else None."""
-        rule = self.config.batch_growth
-        # Samples consumed since the last call were all at the current batch.
-        self.consumed_samples += max(0, iteration - self.last_iteration) * self.current
-        self.last_iteration = iteration
-        if step_time_s is not None:
-            self._record_step_time(step_time_s)
-        if rule == "off":
-            return None
-        if rule != "ramp":
-            if self.config.batch_growth_interval_tokens:
-                due = tokens - self.last_decision_tokens >= self.config.batch_growth_interval_tokens
-            else:
-                due = iteration - self.last_decision_iteration >= self.config.batch_growth_interval
-            if not due:
-                return None
-        self.last_decision_iteration, self.last_decision_tokens = iteration, tokens
+    def _due(self, p: Progress) -> bool:
+        if self.config.batch_growth == "ramp":
+            return True  # a schedule, evaluated every step
+        if self.config.batch_growth_interval_tokens:
+            return (p.consumed_tokens - self.last_decision_tokens
+                    >= self.config.batch_growth_interval_tokens)
+        return p.iteration - self.last_decision_iteration >= self.config.batch_growth_interval
 
+    def _hold(self, p: Progress, gain: float) -> Optional[str]:
+        """Why hysteresis keeps the batch (gns, goodput), or None to grow."""
+        steps_here = p.iteration - self.changed_at_iteration
+        if steps_here < self.config.batch_growth_min_steps:
+            return (f"hold: {steps_here} < {self.config.batch_growth_min_steps} steps at "
+                    "current batch")
+        if gain < self.config.batch_growth_threshold:
+            return f"hold: gain {gain:.3f} < threshold {self.config.batch_growth_threshold}"
+        return None
+
+    # ------------------------------------------------------------------ main entry
+    def step(self, p: Progress, b_simple: Optional[float] = None,
+             step_time_s: Optional[float] = None) -> Optional[int]:
+        """Call after every optimizer step with the run's progress, the B_simple EMA (None
+        or NaN when not available) and the measured time of the step that just ran.
+        Returns the global batch to use from the next step on if it grows now, else None."""
+        rule, current = self.config.batch_growth, p.global_batch
+        self._record_step_time(current, step_time_s)
+        if rule == "off" or not self._due(p):
+            return None
+        self.last_decision_iteration, self.last_decision_tokens = p.iteration, p.consumed_tokens
         ok = b_simple is not None and math.isfinite(b_simple) and b_simple > 0
         bs = b_simple if ok else None
-        if self.current >= self.hi:
+        if current >= self.hi:
             cand, gain, reason = None, None, f"at the maximum global batch {self.hi}"
         elif rule == "ramp":
-            cand, gain, reason = self._decide_ramp()
+            cand, gain, reason = self._decide_ramp(p)
         elif bs is None:
             cand, gain, reason = None, None, "no B_simple estimate yet"
         elif rule == "gns":
-            cand, gain, reason = self._decide_gns(bs)
+            cand, gain, reason = self._decide_gns(bs, current)
         else:
-            cand, gain, reason = self._decide_goodput(bs)
-
-        changed = False
-        if cand is not None and rule != "ramp":
-            steps_here = iteration - self.changed_at_iteration
-            if steps_here < self.config.batch_growth_min_steps:
-                reason += (f"; hold: {steps_here} < {self.config.batch_growth_min_steps} "
-                           "steps at current batch")
-            elif gain < self.config.batch_growth_threshold:
-                reason += (f"; hold: gain {gain:.3f} < threshold "
-                           f"{self.config.batch_growth_threshold}")
-            else:
-                changed = True
-        elif cand is not None:
-            changed = True
-        self.last_decision = Decision(iteration, tokens, rule, self.current, cand, gain, bs,
-                                      changed, reason)
+            cand, gain, reason = self._decide_goodput(bs, current)
+        hold = self._hold(p, gain) if cand is not None and rule != "ramp" else None
+        if hold:
+            reason += "; " + hold
+        changed = cand is not None and hold is None
+        self.last_decision = Decision(p.iteration, p.consumed_tokens, rule, current, cand, gain,
+                                      bs, changed, reason)
         if not changed:
-            logger.debug("batch growth hold at iteration %d: %s", iteration, reason)
+            logger.debug("batch growth hold at iteration %d: %s", p.iteration, reason)
             return None
-        old, self.current = self.current, cand
-        self.changed_at_iteration = iteration
-        self.history.append(dict(iteration=iteration, tokens=tokens, old=old, new=cand,
-                                 gain=gain, reason=reason))
-        logger.info("batch growth at iteration %d: %d -> %d (%s)", iteration, old, cand, reason)
+        self.changed_at_iteration = p.iteration
+        self.history.append(dict(iteration=p.iteration, tokens=p.consumed_tokens, old=current,
+                                 new=cand, gain=gain, reason=reason))
+        logger.info("batch growth at iteration %d: %d -> %d (%s)", p.iteration, current, cand,
+                    reason)
         return cand
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         return dict(rule=self.config.batch_growth, base_global_batch=self.base_global_batch,
-                    current=self.current, changed_at_iteration=self.changed_at_iteration,
+                    changed_at_iteration=self.changed_at_iteration,
                     last_decision_iteration=self.last_decision_iteration,
                     last_decision_tokens=self.last_decision_tokens,
-                    last_iteration=self.last_iteration, consumed_samples=self.consumed_samples,
                     correction={int(k): float(v) for k, v in self.correction.items()},
                     history=[dict(h) for h in self.history],
                     last_decision=asdict(self.last_decision) if self.last_decision else None)
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore (also from checkpoints written before the train state owned the batch and
+        the sample count: their extra keys are ignored)."""
         if state.get("rule") != self.config.batch_growth:
             logger.warning("batch growth rule changed on resume: %s -> %s (continuing from the "
                            "checkpointed batch)", state.get("rule"), self.config.batch_growth)
         self.base_global_batch = int(state["base_global_batch"])
         self.lo, self.hi = self.config.bounds(self.base_global_batch)
-        self.current = int(state["current"])
         self.changed_at_iteration = int(state["changed_at_iteration"])
         self.last_decision_iteration = int(state["last_decision_iteration"])
         self.last_decision_tokens = int(state["last_decision_tokens"])
-        self.last_iteration = int(state["last_iteration"])
-        self.consumed_samples = int(state["consumed_samples"])
         self.correction = {int(k): float(v) for k, v in state["correction"].items()}
         self.history = [dict(h) for h in state["history"]]
         ld = state.get("last_decision")

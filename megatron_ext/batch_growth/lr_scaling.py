@@ -1,11 +1,9 @@
 """Learning-rate scaling with the global batch, and a token-based LR schedule.
 
-Main API: `lr_scale_factor(rule, global_batch, base_global_batch, b_simple=None)`,
-`LRScaler(rule, base_global_batch)` (remembers the last B_simple for `adascale`), and
-`TokenLRSchedule(max_lr, min_lr, warmup_tokens, decay_tokens, style)` with `lr(tokens)`.
-The training loop sets `lr = schedule.lr(tokens_consumed) * scaler.factor(B, b_simple)`.
-A schedule over tokens (not steps) stays correct when the batch, and so the tokens per
-step, changes mid-run.
+Main API: `lr_scale_factor(rule, global_batch, base_global_batch, b_simple=None)` and
+`LRScaler(rule, base_global_batch)` (remembers the last B_simple for `adascale`). The LR
+schedule itself (warmup/decay over consumed samples) is `megatron_ext.training.lr_schedule`;
+the training loop multiplies it by `scaler.factor(B, b_simple)`.
 """
 from __future__ import annotations
 
@@ -83,47 +81,3 @@ class LRScaler:
         self.rule = state["rule"]
         self.base_global_batch = state["base_global_batch"]
         self.last_b_simple = state["last_b_simple"]
-
-
-class TokenLRSchedule:
-    """LR as a function of consumed tokens: linear warmup from 0 to `max_lr` over
-    `warmup_tokens`, then decay to `min_lr` at `decay_tokens` (counted from the start, as
-    Megatron's --lr-decay-samples) and `min_lr` afterwards."""
-
-    STYLES = ("cosine", "linear", "constant")
-
-    def __init__(self, max_lr: float, min_lr: float = 0.0, warmup_tokens: int = 0,
-                 decay_tokens: int = 0, style: str = "cosine"):
-        if style not in self.STYLES:
-            raise ValueError(f"style={style!r} is not one of {self.STYLES}")
-        if max_lr <= 0 or min_lr < 0 or min_lr > max_lr:
-            raise ValueError(f"need 0 <= min_lr ({min_lr}) <= max_lr ({max_lr}), max_lr > 0")
-        if warmup_tokens < 0:
-            raise ValueError("warmup_tokens must be >= 0")
-        if style != "constant" and decay_tokens <= warmup_tokens:
-            raise ValueError(f"decay_tokens ({decay_tokens}) must exceed warmup_tokens "
-                             f"({warmup_tokens}) for style={style}; it counts from token 0")
-        self.max_lr, self.min_lr = float(max_lr), float(min_lr)
-        self.warmup_tokens, self.decay_tokens = int(warmup_tokens), int(decay_tokens)
-        self.style = style
-
-    def lr(self, tokens: float) -> float:
-        if self.warmup_tokens > 0 and tokens < self.warmup_tokens:
-            return self.max_lr * max(tokens, 0) / self.warmup_tokens
-        if self.style == "constant":
-            return self.max_lr
-        if tokens >= self.decay_tokens:
-            return self.min_lr
-        ratio = (tokens - self.warmup_tokens) / (self.decay_tokens - self.warmup_tokens)
-        if self.style == "linear":
-            coeff = 1.0 - ratio
-        else:  # cosine (Loshchilov & Hutter 2017), as Megatron's OptimizerParamScheduler
-            coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
-        return self.min_lr + coeff * (self.max_lr - self.min_lr)
-
-    def state_dict(self) -> dict:
-        return dict(max_lr=self.max_lr, min_lr=self.min_lr, warmup_tokens=self.warmup_tokens,
-                    decay_tokens=self.decay_tokens, style=self.style)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.__init__(**state)

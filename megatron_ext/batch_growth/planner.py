@@ -1,8 +1,9 @@
 """Global-batch planner: micro-batch split, gradient-reduction algorithm and step-time model.
 
 Main API: `BatchPlanner(model_flops_per_sample, param_count, topology, dp_size, ...)` with
-`plan(global_batch) -> Plan` and `valid_global_batches(lo, hi)`; `gpt_flops_per_sample(...)`
-and `gpt_param_count(...)` for GPT models.
+`plan(global_batch) -> Plan` and `valid_global_batches(lo, hi)`. The planner is
+model-agnostic: for a GPT, take both numbers from `megatron_ext.cost_model.ModelShape`
+(`flops_per_sample(tp)`, `num_params(tp)`).
 
 Step time (per optimizer step) =
     compute  = flops_per_sample * B / (num_gpus * peak * mfu)
@@ -20,32 +21,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 from .topology import Topology
-
-
-def gpt_flops_per_sample(num_layers: int, hidden: int, seq: int, vocab: int,
-                         ffn: Optional[int] = None, recompute: bool = False) -> float:
-    """Model FLOPs (forward + backward) of one sequence of `seq` tokens of a GPT.
-
-    Per token and layer the forward pass does 8h^2 (QKV + projection) + 4h*ffn (MLP)
-    + 4sh (scores and weighted values) FLOPs, backward twice that; the logits add 6hV.
-    With ffn = 4h this is 72 s l h^2 (1 + s/(6h) + V/(12 l h)). Narayanan et al. 2021
-    (eq. 3) count activation recomputation (one more forward of the layers) and get
-    96 s l h^2 (1 + s/(6h) + V/(16 l h)); `recompute=True` reproduces that. Model-FLOPs
-    utilisation (MFU) uses `recompute=False`.
-    """
-    ffn = 4 * hidden if ffn is None else ffn
-    per_layer_fwd = 8 * hidden ** 2 + 4 * hidden * ffn + 4 * seq * hidden
-    passes = 4 if recompute else 3
-    return float(seq * (num_layers * passes * per_layer_fwd + 6 * hidden * vocab))
-
-
-def gpt_param_count(num_layers: int, hidden: int, seq: int, vocab: int,
-                    ffn: Optional[int] = None) -> int:
-    """Parameters of a GPT with learned positions: 12 l h^2 (1 + 13/(12h) + (V+s)/(12lh))
-    for ffn = 4h (Narayanan et al. 2021)."""
-    ffn = 4 * hidden if ffn is None else ffn
-    per_layer = 4 * hidden ** 2 + 2 * hidden * ffn + 9 * hidden + ffn  # attn, mlp, 2 LN
-    return num_layers * per_layer + (vocab + seq) * hidden + 2 * hidden
 
 
 @dataclass

@@ -2,9 +2,10 @@
 stdlib corpus, dataset building and exact global-batch sampling.
 
 Main API: ``ByteTokenizer``, ``DataConfig``/``add_data_args``/``build_gpt_datasets``,
-``build_default_corpus``, ``GlobalBatchSampler``/``collate_micro_batch``; CLI
-``tools/preprocess_data.py`` (``megatron_ext.data.preprocess.main``). Importing this package
-does not import Megatron; building datasets does.
+``build_default_corpus``, ``GlobalBatchSampler`` (stateless: a step's indices from the
+consumed-sample count) and ``collate_micro_batch``; CLI ``tools/preprocess_data.py``
+(``megatron_ext.data.preprocess.main``). Importing this package does not import Megatron;
+checking a ``--data-path`` or building datasets does.
 """
 from megatron_ext.data.builder import DataConfig, add_data_args, build_gpt_datasets
 from megatron_ext.data.default_corpus import build_default_corpus

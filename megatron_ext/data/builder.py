@@ -10,17 +10,20 @@ text shifted by one), ``loss_mask`` [s] float and ``position_ids`` [s]; no ``att
 unless asked, since the model's causal attention builds its own mask and an [s, s] mask per
 sample is wasteful at long context.
 
-This module imports no Megatron until ``build_gpt_datasets`` runs.
+``--data-path`` is parsed by megatron-core's ``get_blend_from_list`` (:func:`parse_blend`) and
+checked at startup through megatron's ``IndexedDataset`` (:mod:`megatron_ext.data.indexed`).
+This module imports no Megatron until a ``--data-path`` is checked or datasets are built.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
-import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
+from megatron_ext.config_flags import FlagConfig
 from megatron_ext.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -29,20 +32,54 @@ SPLIT_NAMES = ("train", "valid", "test")
 
 
 def parse_blend(data_path: List[str]) -> Tuple[List[str], Optional[List[float]]]:
-    """``--data-path`` -> (prefixes, weights or None), Megatron's blend syntax.
+    """``--data-path`` -> megatron's blend ``(prefixes, weights or None)``.
 
-    ``a b`` -> ([a, b], None) (weighted by size); ``0.3 a 0.7 b`` -> ([a, b], [0.3, 0.7]).
+    megatron-core's ``get_blend_from_list`` parses it: ``a b`` -> ([a, b], None) (weighted by
+    size), ``0.3 a 0.7 b`` -> ([a, b], [0.3, 0.7]). Checked here as well, since megatron asserts
+    (or reads a weight as a prefix) when only some pairs start with a number, and takes any weight.
     """
-    if len(data_path) % 2 == 0:
-        try:
-            weights = [float(w) for w in data_path[0::2]]
-        except ValueError:
-            weights = None
-        if weights is not None:
-            if any(w <= 0 for w in weights):
-                raise ValueError(f"--data-path: blend weights must be > 0, got {weights}")
-            return [p.strip() for p in data_path[1::2]], weights
-    return [p.strip() for p in data_path], None
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    if not data_path:
+        raise ValueError("--data-path needs at least one PREFIX; leave the flag out to train on "
+                         "the default corpus")
+    numbers = [_is_number(x) for x in data_path[0::2]]
+    if len(data_path) % 2 == 0 and any(numbers) and not all(numbers):
+        raise ValueError(f"--data-path {' '.join(data_path)}: mixes weighted and unweighted "
+                         "prefixes; weight every prefix ('0.3 a 0.7 b') or none ('a b')")
+    prefixes, weights = get_blend_from_list(list(data_path))
+    if weights is not None and not all(0 < w < math.inf for w in weights):
+        raise ValueError(f"--data-path: blend weights must be > 0 (and finite), got {weights}; "
+                         "drop a prefix instead of weighting it 0")
+    return prefixes, weights
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_data_path(data_path: List[str], vocab_size: int, tokenizer_type: str) -> None:
+    """Startup checks of ``--data-path``: blend syntax, every prefix's files, and that the first
+    1M token ids of at most ~64 of its files (spread over the blend) are < ``vocab_size``."""
+    from megatron_ext.data.indexed import check_prefix, max_token_id
+
+    prefixes = parse_blend(data_path)[0]
+    for prefix in prefixes:
+        check_prefix(prefix)
+    # Opening an index is a few page reads (mmap) and the token read is capped, so this stays
+    # cheap at startup even for blends of thousands of shards.
+    for prefix in prefixes[::max(1, len(prefixes) // 32)]:
+        top = max_token_id(prefix)
+        if top >= vocab_size:
+            hint = ("raise --vocab-size" if tokenizer_type == "NullTokenizer" else
+                    "it was not made by tools/preprocess_data.py: use --tokenizer-type "
+                    "NullTokenizer --vocab-size N")
+            raise ValueError(f"--data-path {prefix}: token id {top} does not fit the "
+                             f"vocabulary of {vocab_size} ({tokenizer_type}); {hint}")
 
 
 def parse_split(split: str) -> List[float]:
@@ -59,45 +96,14 @@ def parse_split(split: str) -> List[float]:
     return [p / sum(parts) for p in parts]
 
 
-# Megatron's indexed-dataset dtype codes (megatron.core.datasets.indexed_dataset.DType).
-_DTYPE_CODES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64",
-                7: "float32", 8: "uint16"}
-
-
-def max_token_id(prefix: str, max_tokens: int = 1 << 20) -> int:
-    """Largest id among the first ``max_tokens`` tokens of ``prefix.bin`` (a cheap check that
-    the data fits the vocabulary: a too-small one fails later inside the embedding)."""
-    import numpy
-
-    code, _ = _idx_header(prefix)
-    if code not in _DTYPE_CODES:
-        raise ValueError(f"--data-path: {prefix}.idx has unknown token dtype code {code}")
-    dtype = numpy.dtype(_DTYPE_CODES[code])
-    n = min(max_tokens, os.path.getsize(prefix + ".bin") // dtype.itemsize)
-    if n == 0:
-        return -1
-    return int(numpy.memmap(prefix + ".bin", dtype=dtype, mode="r", shape=(n,)).max())
-
-
-def _idx_header(prefix: str) -> Tuple[int, int]:
-    """(token dtype code, sequence count) from an ``.idx`` header."""
-    with open(prefix + ".idx", "rb") as f:
-        header = f.read(34)  # 9 magic + 8 version + 1 dtype code + 8 sequence count + 8 docs
-    if len(header) < 34 or not header.startswith(b"MMIDIDX"):
-        raise ValueError(f"--data-path: {prefix}.idx is not a Megatron indexed dataset index")
-    return header[17], struct.unpack("<Q", header[18:26])[0]
-
-
-def indexed_dataset_num_sequences(prefix: str) -> int:
-    """Sequence (= document, as our preprocessors write them) count from an ``.idx`` header."""
-    return _idx_header(prefix)[1]
-
-
 @dataclass
-class DataConfig:
+class DataConfig(FlagConfig):
     """Where training text comes from and how it is split and evaluated."""
 
-    data_path: Optional[List[str]] = None
+    flag_group = "data"
+
+    data_path: Optional[List[str]] = field(default=None, metadata={"argparse": {
+        "metavar": "[WEIGHT] PREFIX"}})
     """Indexed-dataset prefixes (``PREFIX.bin``/``PREFIX.idx``, made by
     tools/preprocess_data.py), optionally weighted: ``0.7 a 0.3 b``. None: the stdlib corpus."""
     split: str = "969,30,1"
@@ -105,7 +111,8 @@ class DataConfig:
     data_cache_path: Optional[str] = None
     """Directory for the default corpus and megatron's sample-index caches (None: the corpus
     goes to ~/.cache/megatron_ext/stdlib_corpus, index caches next to the data)."""
-    tokenizer_type: str = "byte"
+    tokenizer_type: str = field(default="byte", metadata={"argparse": {
+        "choices": TOKENIZER_TYPES}})
     """``byte`` (UTF-8 bytes + eod, vocab 257; data from tools/preprocess_data.py) or
     ``NullTokenizer`` (data tokenized elsewhere, e.g. by Megatron-LM's preprocess_data.py with
     a BPE tokenizer; needs ``vocab_size``)."""
@@ -143,57 +150,12 @@ class DataConfig:
         if self.data_path is not None:
             if self.mock_data:
                 raise ValueError("--mock-data and --data-path exclude each other; drop one")
-            prefixes = parse_blend(self.data_path)[0]
-            for prefix in prefixes:
-                if prefix.endswith((".bin", ".idx")):
-                    raise ValueError(f"--data-path {prefix}: pass the prefix without the "
-                                     f".bin/.idx suffix, i.e. {prefix[:-4]}")
-                for suffix in (".bin", ".idx"):
-                    if not os.path.isfile(prefix + suffix):
-                        raise ValueError(f"--data-path {prefix}: missing file {prefix + suffix}; "
-                                         "create it with tools/preprocess_data.py --output-prefix")
-            # Vocabulary check on the first 1M tokens of at most ~64 files (spread over the
-            # blend): cheap at startup even for blends of thousands of shards.
-            limit = tokenizer.vocab_size
-            for prefix in prefixes[::max(1, len(prefixes) // 32)]:
-                top = max_token_id(prefix)
-                if top >= limit:
-                    hint = ("raise --vocab-size" if self.tokenizer_type == "NullTokenizer" else
-                            "it was not made by tools/preprocess_data.py: use --tokenizer-type "
-                            "NullTokenizer --vocab-size N")
-                    raise ValueError(f"--data-path {prefix}: token id {top} does not fit the "
-                                     f"vocabulary of {limit} ({self.tokenizer_type}); {hint}")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "DataConfig":
-        """Build from parsed ``add_data_args`` flags (``--foo-bar`` -> ``foo_bar``)."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+            check_data_path(self.data_path, tokenizer.vocab_size, self.tokenizer_type)
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the "data" argument group; flags map 1:1 to :class:`DataConfig` fields."""
-    d = DataConfig
-    g = parser.add_argument_group("data")
-    g.add_argument("--data-path", nargs="+", default=d.data_path, metavar="[WEIGHT] PREFIX",
-                   help="indexed dataset prefix(es) from tools/preprocess_data.py, optionally "
-                        "weighted: '0.7 a 0.3 b'; default: the Python stdlib corpus (no download)")
-    g.add_argument("--split", default=d.split, help="train,valid,test document weights (default: %(default)s)")
-    g.add_argument("--data-cache-path", default=d.data_cache_path,
-                   help="directory for the default corpus and sample-index caches")
-    g.add_argument("--tokenizer-type", default=d.tokenizer_type, choices=TOKENIZER_TYPES,
-                   help="tokenizer (default: %(default)s); NullTokenizer for data tokenized "
-                        "elsewhere, with --vocab-size")
-    g.add_argument("--vocab-size", type=int, default=d.vocab_size,
-                   help="NullTokenizer: the data's ids are < N (eod = N, as in Megatron-LM)")
-    g.add_argument("--mock-data", action="store_true", help="synthetic data (megatron MockGPTDataset)")
-    g.add_argument("--default-corpus-mb", type=float, default=d.default_corpus_mb,
-                   help="without --data-path: MB of Python stdlib sources to train on "
-                        "(default: %(default)s; all of it is ~12)")
-    g.add_argument("--eval-iters", type=int, default=d.eval_iters,
-                   help="validation steps per evaluation, 0 disables (default: %(default)s)")
-    g.add_argument("--eval-interval", type=int, default=d.eval_interval,
-                   help="evaluate every N steps (default: %(default)s)")
-    return parser
+    """Add the "data" argparse group; flags map 1:1 to :class:`DataConfig` fields."""
+    return DataConfig.add_args(parser)
 
 
 def default_corpus_prefix(config: DataConfig, max_bytes: int = 4_000_000) -> str:
@@ -251,9 +213,11 @@ def build_gpt_datasets(config: DataConfig, seq_length: int, seed: int, train_sam
 
 def _check_split_has_documents(prefixes: List[str], split_matrix: list, keep: List[bool]) -> List[bool]:
     """Megatron loops forever on a split with samples but no document; catch that here."""
+    from megatron_ext.data.indexed import num_sequences
+
     keep = list(keep)
     for prefix in prefixes:
-        n = indexed_dataset_num_sequences(prefix)
+        n = num_sequences(prefix)
         for i, name in enumerate(SPLIT_NAMES):
             if not keep[i]:
                 continue

@@ -1,9 +1,9 @@
 """Gradient-noise-scale measurement (McCandlish et al. 2018).
 
 Import-light (no torch): exports the pure-Python estimator and the config. The training
-hooks (`GNSTracker`, the GNS layers, `gns_layer_spec_kwargs`) import torch and megatron-core
-and are loaded lazily on first attribute access (PEP 562), or import them from
-`megatron_ext.gns.tracker` / `megatron_ext.gns.layers`.
+hooks (`GNSTracker`, the GNS layers, `gns_layer_specs`, `GNSGPTModel`) import torch and
+megatron-core and are loaded lazily on first attribute access (PEP 562), or import them from
+`megatron_ext.gns.tracker` / `.layers` / `.embedding`.
 """
 import importlib
 
@@ -15,7 +15,9 @@ _LAZY = {
     "GNSColumnParallelLinear": "layers",
     "GNSRowParallelLinear": "layers",
     "GNSNorm": "layers",
-    "gns_layer_spec_kwargs": "layers",
+    "gns_layer_specs": "layers",
+    "tracked_parameters": "layers",
+    "GNSGPTModel": "embedding",
 }
 
 __all__ = ["GNS_ESTIMATORS", "GNSConfig", "add_gns_args", "GNSEstimator", "GNSMeasurement",

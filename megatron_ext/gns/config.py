@@ -7,20 +7,25 @@ Main API: `GNSConfig` (one dataclass, fields map 1:1 to flags),
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import Optional
+
+from megatron_ext.config_flags import FlagConfig
 
 GNS_ESTIMATORS = ("per-sample", "data-parallel")
 
 
 @dataclass
-class GNSConfig:
+class GNSConfig(FlagConfig):
     """Measurement of B_simple = tr(Sigma)/|G|^2 (McCandlish et al. 2018)."""
+
+    flag_group = "gradient noise scale"
 
     gns: bool = False
     """Measure the gradient noise scale during training (off by default)."""
 
-    gns_estimator: str = "per-sample"
+    gns_estimator: str = field(default="per-sample",
+                               metadata={"argparse": {"choices": GNS_ESTIMATORS}})
     """`per-sample`: per-sample gradient norms |g_i|^2 of every sample in the global batch
     (exact unbiased estimator, needs the fused per-sample-norm kernel); `data-parallel`:
     the two-batch-size estimator of McCandlish et al. App. A.1 with the per-data-parallel-rank
@@ -71,29 +76,21 @@ class GNSConfig:
             raise ValueError(
                 f"--gns-plot writes a PNG; give a path ending in .png, got {self.gns_plot!r}")
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "GNSConfig":
-        kw = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        return cls(**kw)
+
+def include_embedding_problem(tied: bool, pipeline_parallel_size: int,
+                              position_embedding_type: str) -> Optional[str]:
+    """Why ``--gns-include-embedding`` cannot measure this GPT exactly, or None if it can
+    (asked by the job's validation and again by ``GNSGPTModel`` for direct library use)."""
+    if tied and pipeline_parallel_size > 1:
+        return ("--gns-include-embedding with tied embeddings needs PP=1 (the cross term "
+                "spans two stages): add --untie-embeddings-and-output-weights or drop "
+                "--gns-include-embedding")
+    if position_embedding_type == "learned_absolute":
+        return ("--gns-include-embedding supports --position-embedding-type rope only (learned "
+                "absolute positions are not covered)")
+    return None
 
 
 def add_gns_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the "gradient noise scale" argparse group; flags map 1:1 to config fields."""
-    d = GNSConfig()
-    g = parser.add_argument_group("gradient noise scale")
-    g.add_argument("--gns", action="store_true", default=d.gns,
-                   help="measure the gradient noise scale B_simple during training")
-    g.add_argument("--gns-estimator", choices=GNS_ESTIMATORS, default=d.gns_estimator,
-                   help="per-sample gradient norms or the two-batch data-parallel estimator")
-    g.add_argument("--gns-ema-decay", type=float, default=d.gns_ema_decay,
-                   help="decay of the EMAs of tr(Sigma) and |G|^2, in (0, 1)")
-    g.add_argument("--gns-measure-interval", type=int, default=d.gns_measure_interval,
-                   help="measure on every N-th optimizer step only (overhead / N)")
-    g.add_argument("--gns-log-interval", type=int, default=d.gns_log_interval,
-                   help="log the noise scale every N optimizer steps")
-    g.add_argument("--gns-plot", type=str, default=d.gns_plot,
-                   help="write a PNG of B_simple vs tokens to this path at the end")
-    g.add_argument("--gns-include-embedding", action="store_true",
-                   default=d.gns_include_embedding,
-                   help="include embedding/output-layer gradients in the norms")
-    return parser
+    """Add the "gradient noise scale" argparse group; flags map 1:1 to :class:`GNSConfig` fields."""
+    return GNSConfig.add_args(parser)

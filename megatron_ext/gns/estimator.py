@@ -1,7 +1,7 @@
 """Gradient-noise-scale estimator (pure Python, no torch).
 
-Main API: `GNSEstimator` with `update_per_sample(...)` and `update_two_batch(...)`, which
-return a `GNSMeasurement` (or None for a skipped step); `b_simple` is the current estimate.
+Main API: `GNSEstimator.update(small_sq_norms, small_batch, big_sq_norm, big_batch, tokens)`
+returns a `GNSMeasurement` (or None for a skipped step); `b_simple` is the current estimate.
 
 Background (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training"):
 the simple noise scale is B_simple = tr(Sigma) / |G|^2, with G the true gradient and Sigma the
@@ -21,6 +21,9 @@ B_small < B_big (small = one data-parallel rank's gradient, big = the all-reduce
 
     |G|^2     = (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)
     tr(Sigma) = (|G_small|^2 - |G_big|^2) / (1 / B_small - 1 / B_big)
+
+With B_small = 1 and |G_small|^2 = mean_sq these are exactly the per-sample estimates
+above, so one `update` serves both estimators.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ class GNSMeasurement:
     step: int
     """Number of accepted updates so far, this one included."""
     tokens: int
-    """Tokens seen so far (x axis of the B_simple plot)."""
+    """Tokens consumed by training up to and including this step, as given by the caller
+    (x axis of the B_simple plot)."""
     batch_size: float
     """B of the per-sample estimator, or B_big of the two-batch estimator."""
     grad_sq_norm: float
@@ -108,7 +112,6 @@ class GNSEstimator:
         self.num_updates = 0
         self.num_skipped_samples = 0
         self.num_skipped_steps = 0
-        self.tokens_seen = 0
         self.last: Optional[GNSMeasurement] = None
 
     # ------------------------------------------------------------------ results
@@ -129,87 +132,56 @@ class GNSEstimator:
         return t / g
 
     # ------------------------------------------------------------------ updates
-    def _check_mode(self, wanted: str) -> None:
-        if self.estimator != wanted:
-            raise RuntimeError(
-                f"GNSEstimator was built with estimator={self.estimator!r}; call the "
-                f"matching update_* method or build it with estimator={wanted!r}")
-
-    def advance_tokens(self, tokens: int) -> None:
-        """Count the tokens of a step that was not measured (the x axis keeps advancing)."""
-        self.tokens_seen += int(tokens)
-
-    def _skip_step(self, tokens: int) -> None:
-        # Tokens are consumed by training even when the measurement is unusable.
-        self.advance_tokens(tokens)
+    def skip_step(self) -> None:
+        """Count a step whose measurement is unusable (e.g. no loss tokens)."""
         self.num_skipped_steps += 1
-        return None
 
     def _accept(self, gsq: float, trace: float, batch: float, tokens: int) -> GNSMeasurement:
-        self.tokens_seen += int(tokens)
         self._gsq.update(gsq)
         self._trace.update(trace)
         self.num_updates += 1
         self.last = GNSMeasurement(
-            step=self.num_updates, tokens=self.tokens_seen, batch_size=float(batch),
+            step=self.num_updates, tokens=int(tokens), batch_size=float(batch),
             grad_sq_norm=gsq, trace_sigma=trace,
             grad_sq_norm_ema=self._gsq.value, trace_sigma_ema=self._trace.value,
             b_simple=self.b_simple, b_simple_raw=trace / gsq if gsq > 0.0 else None)
         return self.last
 
-    def update_per_sample(self, per_sample_sq_norms: Sequence[float],
-                          batch_grad_sq_norm: float,
-                          tokens: int = 0) -> Optional[GNSMeasurement]:
-        """Update from |g_i|^2 of every sample of the global batch and |G_B|^2.
-
-        `batch_grad_sq_norm` must be the squared norm of the mean of the same B per-sample
-        gradients (the global-batch gradient). Returns None if the step was skipped.
-        """
-        self._check_mode("per-sample")
-        norms = list(per_sample_sq_norms)
-        batch = len(norms)
-        if batch < 2:
-            raise ValueError(f"the per-sample estimator needs B >= 2 samples, got {batch}")
-        if not _finite(batch_grad_sq_norm) or batch_grad_sq_norm < 0:
-            # The batch gradient itself is unusable (overflow): nothing to estimate.
-            self.num_skipped_samples += batch
-            return self._skip_step(tokens)
-        valid = [float(x) for x in norms if _finite(x) and float(x) >= 0.0]
-        self.num_skipped_samples += batch - len(valid)
-        if not valid:
-            return self._skip_step(tokens)
-        # A non-finite |g_i|^2 with a finite |G_B|^2 means the per-sample norm computation
-        # overflowed, not the gradient: G_B still averages all B samples, so B stays the
-        # batch size in E|G_B|^2 = |G|^2 + tr(Sigma)/B, while E|g_i|^2 is estimated by the
-        # mean over the remaining samples. That mean is unbiased if the failures are
-        # independent of the sample; overflow prefers large norms, so tr(Sigma) is biased
-        # slightly low, which is negligible for the rare skips we expect (and counted in
-        # num_skipped_samples so a persistent problem is visible).
-        mean_sq = math.fsum(valid) / len(valid)
-        gb = float(batch_grad_sq_norm)
-        trace = batch / (batch - 1.0) * (mean_sq - gb)
-        gsq = (batch * gb - mean_sq) / (batch - 1.0)
-        return self._accept(gsq, trace, batch, tokens)
-
-    def update_two_batch(self, small_sq_norm: Union[float, Sequence[float]], small_batch: int,
-                         big_sq_norm: float, big_batch: int,
-                         tokens: int = 0) -> Optional[GNSMeasurement]:
-        """Update from |G_small|^2 (B_small samples) and |G_big|^2 (B_big samples).
-
-        `small_sq_norm` may be a sequence of per-rank squared norms (each over `small_batch`
-        samples); their mean has the same expectation and less variance. Non-finite
-        entries are skipped and counted in `num_skipped_samples`.
-        """
-        self._check_mode("data-parallel")
+    def _check_batches(self, small_batch: int, big_batch: int) -> None:
+        if self.estimator == "per-sample" and small_batch != 1:
+            raise ValueError(f"the per-sample estimator takes per-sample norms (small_batch "
+                             f"1), got small_batch={small_batch}")
         if not 0 < small_batch < big_batch:
-            raise ValueError(f"need 0 < small_batch < big_batch, got small_batch="
-                             f"{small_batch}, big_batch={big_batch}")
-        smalls = ([small_sq_norm] if isinstance(small_sq_norm, (int, float))
-                  else list(small_sq_norm))
+            raise ValueError(f"need 0 < small_batch < big_batch (the per-sample estimator "
+                             f"needs B >= 2 samples), got small_batch={small_batch}, "
+                             f"big_batch={big_batch}")
+
+    def update(self, small_sq_norms: Union[float, Sequence[float]], small_batch: int,
+               big_sq_norm: float, big_batch: int, tokens: int) -> Optional[GNSMeasurement]:
+        """Update from |G_small|^2 (each over `small_batch` samples) and |G_big|^2.
+
+        Per-sample estimator: small_batch = 1 and the |g_i|^2 of all B = big_batch samples
+        of the global batch, whose mean gradient is G_big. Data-parallel estimator: one
+        |G_small|^2 per rank (a scalar is accepted too). The mean of several small norms
+        has the expectation of one and less variance. `tokens`: tokens consumed by
+        training up to and including this step (the caller owns that count), the x axis
+        of the B_simple plot. Returns None if the step was skipped.
+        """
+        self._check_batches(small_batch, big_batch)
+        smalls = ([small_sq_norms] if isinstance(small_sq_norms, (int, float))
+                  else list(small_sq_norms))
         valid = [float(x) for x in smalls if _finite(x) and float(x) >= 0.0]
         self.num_skipped_samples += len(smalls) - len(valid)
         if not valid or not _finite(big_sq_norm) or big_sq_norm < 0:
-            return self._skip_step(tokens)
+            # Nothing to estimate (e.g. the batch gradient itself overflowed).
+            self.skip_step()
+            return None
+        # A non-finite small norm next to a finite |G_big|^2 means its norm computation
+        # overflowed, not the gradient: G_big still averages all samples, so B_big stays,
+        # while E|G_small|^2 is estimated by the mean over the remaining entries. That mean
+        # is unbiased if the failures are independent of the sample; overflow prefers large
+        # norms, so tr(Sigma) is biased slightly low, negligible for the rare skips we
+        # expect (counted in num_skipped_samples so a persistent problem is visible).
         gs = math.fsum(valid) / len(valid)
         gbig = float(big_sq_norm)
         bs, bb = float(small_batch), float(big_batch)
@@ -231,7 +203,6 @@ class GNSEstimator:
             "num_updates": self.num_updates,
             "num_skipped_samples": self.num_skipped_samples,
             "num_skipped_steps": self.num_skipped_steps,
-            "tokens_seen": self.tokens_seen,
             "last": self.last.to_dict() if self.last is not None else None,
         }
 
@@ -249,6 +220,6 @@ class GNSEstimator:
         self.num_updates = int(state["num_updates"])
         self.num_skipped_samples = int(state["num_skipped_samples"])
         self.num_skipped_steps = int(state["num_skipped_steps"])
-        self.tokens_seen = int(state["tokens_seen"])
+        # (older states also hold "tokens_seen": the caller owns the token count now)
         last = state.get("last")
         self.last = GNSMeasurement(**last) if last is not None else None

@@ -1,41 +1,40 @@
 """Gradient-noise-scale tracker for megatron-core training (TP/SP/PP/DP, grad accumulation).
 
 Main API:
-    tracker = GNSTracker(gns_config, model_chunks)
+    tracker = GNSTracker(gns_config)                    # before the model
+    specs = gns_layer_specs(tracker)                    # megatron_ext.gns.layers
+    model = GPTModel(..., transformer_layer_spec=get_gpt_block_spec(
+        config, get_gpt_layer_spec(**specs), norm=specs["norm"]))
+        # or GNSGPTModel(..., gns_recorder=tracker) (gns.embedding) to include the
+        # word embedding and output layer
+    tracker.attach(ddp_model_chunks)                    # after DDP wrapping
     config.finalize_model_grads_func = tracker.wrap_finalize_model_grads(finalize_model_grads)
     per step:  tracker.begin_step(num_microbatches, micro_batch_size)
                forward_backward_func(...)             # GNS layers report during backward
                m = tracker.end_step(tokens)            # before optimizer.step() (it clips)
     tracker.history, tracker.state_dict(), tracker.load_state_dict(sd), tracker.plot(path)
 
-What is measured (McCandlish et al. 2018, App. A): g_i = gradient of sample i's mean-token
-loss and G_B = mean_i g_i over the global batch, both restricted to the *tracked* parameter
-set = every parameter of a GNS layer (`megatron_ext.gns.layers`): all linear weights and
-biases and all norm γ/β of the transformer block. By default the word embedding and the
-output layer (tied or not) are left out of both |g_i|² and |G_B|² (B_simple of the
-transformer block). With `gns_include_embedding` the tracker swaps them to the GNS classes
-of `megatron_ext.gns.embedding` and they are included exactly (tied weights: with the
-cross term; not supported with tied weights under PP > 1).
+What is measured (McCandlish et al. 2018, App. A): per-sample gradients h_i and their mean
+G_B over the global batch, restricted to the *tracked* parameter set = every parameter of a
+layer built with this tracker as recorder: all linear weights and biases and all norm γ/β of
+the transformer block, plus the word embedding and output layer (tied or not) when the
+model is a `GNSGPTModel` with this recorder (tied weights: with the cross term).
+
+Loss normalisation: Megatron's calculate_per_token_loss=True (the loss is the token sum,
+finalize divides by the global loss-token count N, which the finalize wrapper captures).
+The per-sample gradient is h_i = (B / N) Σ_{t in i} ∇ℓ_t, whose mean over the B samples is
+exactly the reduced main_grad. With N / B loss tokens in every sample (no padding mask) h_i
+is the gradient of sample i's mean-token loss; with masked tokens samples are weighted by
+their token count, consistently in |h_i|² and |G_B|². `loss_scale` undoes an fp16 scaler.
 
 Distributed optimizer: the reduce-scattered main_grad shards are summed over DP ranks.
-Not supported: context parallelism (raises), calculate_per_token_loss, MoE experts,
-learned absolute position embeddings with gns_include_embedding (raises).
+Not supported: context parallelism, MoE experts (not tracked), the data-parallel estimator
+with overlap_grad_reduce (the job config checks the layout).
 
 Per-sample norms: layers add [b] partial squared norms (or [b, h] TP-partial vectors for
 sequence-parallel params) into slot (micro-batch m, sample j) of a [M * b] buffer; at
 `end_step` the buffer is summed over the model-parallel group (TP shards + PP stages) and
 gathered over data-parallel ranks (they hold different samples).
-
-Scale (read from the model config, nothing guessed): `loss_scale` undoes an fp16 loss scaler.
-* mean-token loss (calculate_per_token_loss=False): a micro-batch's loss is the mean over its
-  tokens / M, so the kernel sees g_i / (M * b); `sample_grad_scale` (default M * b) undoes it.
-  DDP averages over DP ranks, so main_grad = G_B * B / (dp * sample_grad_scale) (= G_B).
-* per-token loss (calculate_per_token_loss=True, loss = token sum, finalize divides by the
-  global loss-token count N, captured by the finalize wrapper): the per-sample gradient is
-  h_i = (B / N) Σ_{t in i} ∇ℓ_t, whose mean over the B samples is exactly the reduced
-  main_grad. With N / B loss tokens in every sample (no padding mask) h_i is the gradient of
-  sample i's mean-token loss; with masked tokens samples are weighted by their token count,
-  consistently in |h_i|² and |G_B|².
 """
 from __future__ import annotations
 
@@ -49,110 +48,67 @@ from megatron.core import parallel_state as ps
 from .config import GNSConfig
 from .estimator import GNSEstimator, GNSMeasurement
 from .grad_norms import distributed_optimizer_shards, local_grad_sq_norm
-from .layers import GNSColumnParallelLinear, GNSNorm, GNSRowParallelLinear
-
-GNS_LAYER_TYPES = (GNSColumnParallelLinear, GNSRowParallelLinear, GNSNorm)
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
-        chunk = chunk.module
-    return chunk
+from .layers import tracked_parameters
 
 
 class GNSTracker:
     """Collects per-sample and batch gradient norms and feeds a `GNSEstimator`.
 
+    Build it before the model (its layers take it as `recorder`), then `attach` the
+    DDP-wrapped model chunks.
+
     Args:
         config: the GNSConfig (estimator kind, EMA decay, include-embedding flag).
-        model_chunks: the (DDP-wrapped) model chunks of this rank, as given to the schedule.
-        seq_length: only shown by describe().
-        per_token_loss: the loss normalisation (see "Scale" above); None = read
-            calculate_per_token_loss from the model's TransformerConfig.
         flush_elements: pending sequence-parallel vectors are all-reduced over TP once
             their element count reaches this (bounds memory; identical on all TP ranks).
     """
 
-    def __init__(self, config: GNSConfig, model_chunks: Sequence[torch.nn.Module], *,
-                 seq_length: Optional[int] = None, per_token_loss: Optional[bool] = None,
-                 flush_elements: int = 1 << 24):
+    def __init__(self, config: GNSConfig, *, flush_elements: int = 1 << 24):
         self.config = config
-        self.seq_length = seq_length  # only for describe()
         self.estimator = GNSEstimator(config.gns_ema_decay, config.gns_estimator)
         self.history: List[dict] = []
         self.flush_elements = int(flush_elements)
-        if ps.get_context_parallel_world_size() > 1:
-            raise ValueError("--gns does not support context parallelism (per-sample norms "
-                             "would be partial over CP ranks); use --context-parallel-size 1")
+        self.params: List[torch.nn.Parameter] = []
+        self._measuring = False
+        self._num_tokens: Optional[int] = None
+        self._small_sq_norms: Optional[List[float]] = None
+        self.last_per_sample_sq_norms: Optional[List[float]] = None
+        self.last_batch_sq_norm: Optional[float] = None
+        self.last_small_sq_norms: Optional[List[float]] = None  # data-parallel estimator
+
+    def attach(self, model_chunks: Sequence[torch.nn.Module]) -> None:
+        """Find the tracked parameters of the (DDP-wrapped) model chunks of this rank.
+
+        Call after DDP wrapping (needs the distributed optimizer's shard layout).
+        """
+        self.params = tracked_parameters(model_chunks, self)
+        if not self.params:
+            raise ValueError("the model has no GNS layers of this tracker: build it with "
+                             "get_gpt_layer_spec(**gns_layer_specs(tracker))")
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.tp_size = ps.get_tensor_model_parallel_world_size()
         self.mp_group = ps.get_model_parallel_group()  # TP x PP
         self.dp_group = ps.get_data_parallel_group()
         self.dp_size = ps.get_data_parallel_world_size()
-        self.model_chunks = list(model_chunks)
-        if config.gns_include_embedding:
-            from .embedding import convert_embedding_layers
-
-            pp = ps.get_pipeline_model_parallel_world_size()
-            for c in self.model_chunks:
-                convert_embedding_layers(_unwrap(c), pp)
-        from .embedding import GNSVocabParallelEmbedding
-
-        # MoE expert linears run megatron's own path (no per-sample norms): not tracked
-        self.modules = [m for c in self.model_chunks for m in _unwrap(c).modules()
-                        if isinstance(m, GNS_LAYER_TYPES + (GNSVocabParallelEmbedding,))
-                        and not getattr(m, "is_expert", False)]
-        if not self.modules:
-            raise ValueError("the model has no GNS layers: build it with "
-                             "get_gpt_layer_spec(**gns_layer_spec_kwargs())")
-        self.params = []  # tracked parameters, each once
-        seen = set()
-        for m in self.modules:
-            m.gns_tracker = self
-            for p in m.parameters(recurse=False):
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    self.params.append(p)
-        # Megatron's two loss normalisations (see the module docstring, "Scale"); by default
-        # the one the schedule itself uses (TransformerConfig.calculate_per_token_loss).
-        self.per_token_loss = bool(per_token_loss) if per_token_loss is not None else any(
-            getattr(getattr(_unwrap(c), "config", None), "calculate_per_token_loss", False)
-            for c in self.model_chunks)
-        self._num_tokens: Optional[int] = None
-        self._shard_ranges = distributed_optimizer_shards(self.model_chunks)
-        if config.gns_estimator == "data-parallel":
-            for c in self.model_chunks:
-                if getattr(getattr(c, "ddp_config", None), "overlap_grad_reduce", False):
-                    raise ValueError("--gns-estimator data-parallel reads each rank's grads "
-                                     "before the DP reduction: use overlap_grad_reduce=False "
-                                     "(drop --overlap-grad-reduce) or --gns-estimator per-sample")
-        self._measuring = False
-        self._small_sq_norms: Optional[List[float]] = None
-        self.last_per_sample_sq_norms: Optional[List[float]] = None
-        self.last_batch_sq_norm: Optional[float] = None
-        self.last_small_sq_norms: Optional[List[float]] = None  # data-parallel estimator
+        self._shard_ranges = distributed_optimizer_shards(model_chunks)
 
     # ---------------------------------------------------------------- step protocol
     def begin_step(self, num_microbatches: int, micro_batch_size: int,
-                   global_batch: Optional[int] = None, *,
-                   sample_grad_scale: Optional[float] = None, loss_scale: float = 1.0) -> None:
+                   global_batch: Optional[int] = None, *, loss_scale: float = 1.0) -> None:
         """Start measuring one optimizer step (call before forward_backward_func).
 
         num_microbatches, micro_batch_size: M and b of this step on this DP rank.
         global_batch: optional check that dp * M * b is the global batch.
-        sample_grad_scale: (mean-token loss only) s with g_i = s * (grad of this rank's
-            training loss restricted to sample i); default M * b, right for Megatron's
-            mean-token loss / M. Ignored with calculate_per_token_loss (B / N is used).
         loss_scale: the fp16 loss-scaler value the grads still carry (1.0 for bf16/fp32).
         """
+        if not self.params:
+            raise RuntimeError("call tracker.attach(model_chunks) before measuring a step")
         self.M, self.b = int(num_microbatches), int(micro_batch_size)
         if global_batch is not None and int(global_batch) != self.dp_size * self.M * self.b:
             raise ValueError(f"global batch {global_batch} != data-parallel size {self.dp_size}"
                              f" x {self.M} micro-batches x micro-batch size {self.b}")
         self._num_tokens = None
-        self.sample_grad_scale = float(sample_grad_scale if sample_grad_scale is not None
-                                       else self.M * self.b)
         self.loss_scale = float(loss_scale)
         self._counts = {}
         self._totals: Optional[torch.Tensor] = None  # [M * b] fp64
@@ -246,8 +202,16 @@ class GNSTracker:
         return self.params[0].device if self.params[0].device.type != "meta" else torch.device("cpu")
 
     def wrap_finalize_model_grads(self, finalize_fn: Callable) -> Callable:
-        """Wrap megatron's finalize_model_grads for this tracker (see the module function)."""
-        return wrap_finalize_model_grads(finalize_fn, lambda: self)
+        """Megatron's `config.finalize_model_grads_func`, with this tracker's hooks around it.
+
+        Before the DP reduction it reads each rank's grads (data-parallel estimator);
+        afterwards it records the global loss-token count N (finalize's `num_tokens`).
+        """
+
+        def finalize_with_gns(*args, **kwargs):
+            return self._finalize(finalize_fn, *args, **kwargs)
+
+        return finalize_with_gns
 
     def _finalize(self, finalize_fn: Callable, *args, **kwargs):
         if self._measuring and self.estimator.estimator == "data-parallel":
@@ -268,64 +232,62 @@ class GNSTracker:
     def end_step(self, tokens: int) -> Optional[GNSMeasurement]:
         """Finish the step (after finalize_model_grads, before optimizer.step()).
 
-        `tokens`: tokens consumed by this step (global batch). Collective: call on all ranks.
+        `tokens`: tokens consumed by training up to and including this step (the caller
+        owns the count; the x axis of the history). Collective: call on all ranks.
         Returns the measurement (same on every rank) or None if the step was skipped.
         """
         if not self._measuring:
             return None
         self._measuring = False
-        dev = self._device()
+        if self._num_tokens is None:
+            raise RuntimeError("GNSTracker needs megatron's calculate_per_token_loss=True and "
+                               "config.finalize_model_grads_func = "
+                               "tracker.wrap_finalize_model_grads(finalize_model_grads)")
+        if self._num_tokens <= 0:
+            self._pending, self._pending_elements = [], 0
+            self.estimator.skip_step()
+            return None
+        # loss = Σ_tokens ℓ / N over the global batch: h_i = (B / N) Σ_{t in i} ∇ℓ has
+        # mean_i h_i = main_grad, so the per-sample kernel norms scale by (B / N)².
         B = self.dp_size * self.M * self.b
-        ls = self.loss_scale
-        if self.per_token_loss:
-            # loss = Σ_tokens ℓ / N over the global batch (finalize divides by N): with
-            # h_i = (B / N) Σ_{t in i} ∇ℓ, mean_i h_i is exactly the reduced main_grad (=
-            # the mean-token gradient g_i when every sample has N / B loss tokens).
-            if self._num_tokens is None:
-                raise RuntimeError("calculate_per_token_loss needs the finalize wrapper: set "
-                                   "config.finalize_model_grads_func = "
-                                   "tracker.wrap_finalize_model_grads(finalize_model_grads)")
-            if self._num_tokens <= 0:
-                self._pending, self._pending_elements = [], 0
-                return self.estimator._skip_step(tokens)
-            s = B / self._num_tokens
-            big_scale = 1.0 / ls ** 2
-        else:
-            # main_grad after DDP = (1/dp) Σ_ranks Σ_i g_i / s  ->  G_B = main_grad * dp * s / B
-            s = self.sample_grad_scale
-            big_scale = (self.dp_size * s / B / ls) ** 2
-        big_t = self._mp_sum(self._local_batch_sq_norm(reduce_sp=False), dev)
+        s, ls = B / self._num_tokens, self.loss_scale
+        big_t = self._mp_sum(self._local_batch_sq_norm(reduce_sp=False), self._device())
         if self._shard_ranges is not None and self.dp_size > 1:
             dist.all_reduce(big_t, group=self.dp_group)  # DP ranks hold disjoint shards
-        big = float(big_t) * big_scale
+        big = float(big_t) / ls ** 2
         self.last_batch_sq_norm = big
         if self.estimator.estimator == "data-parallel":
-            if self._small_sq_norms is None:
-                raise RuntimeError("the data-parallel estimator needs the finalize wrapper: set "
-                                   "config.finalize_model_grads_func = "
-                                   "tracker.wrap_finalize_model_grads(finalize_model_grads)")
-            if self.dp_size < 2:
-                raise ValueError("--gns-estimator data-parallel needs data-parallel size >= 2")
-            small_b = self.M * self.b  # per-rank grad = Σ_{i on rank} h_i / s
-            small_scale = (s / small_b / ls) ** 2
-            smalls = [x * small_scale for x in self._small_sq_norms]
-            self.last_small_sq_norms = smalls
-            m = self.estimator.update_two_batch(smalls, small_b, big, B, tokens)
+            m = self._update_data_parallel(s, big, B, tokens)
         else:
-            self._flush()
-            totals = self._totals if self._totals is not None else torch.zeros(
-                self.M * self.b, dtype=torch.float64)
-            totals = self._mp_sum(totals, dev)
-            if self.dp_size > 1:
-                out = [torch.zeros_like(totals) for _ in range(self.dp_size)]
-                dist.all_gather(out, totals, group=self.dp_group)
-                totals = torch.cat(out)
-            per_sample = (totals * (s / ls) ** 2).tolist()
+            per_sample = (self._gathered_per_sample() * (s / ls) ** 2).tolist()
             self.last_per_sample_sq_norms = per_sample
-            m = self.estimator.update_per_sample(per_sample, big, tokens)
+            m = self.estimator.update(per_sample, 1, big, B, tokens)
         if m is not None:
             self.history.append(m.to_dict())
         return m
+
+    def _update_data_parallel(self, s: float, big: float, B: int, tokens: int):
+        if self._small_sq_norms is None:
+            raise RuntimeError("the data-parallel estimator needs the finalize wrapper: set "
+                               "config.finalize_model_grads_func = "
+                               "tracker.wrap_finalize_model_grads(finalize_model_grads)")
+        small_b = self.M * self.b  # (DP = 1: the estimator refuses small_b == B)  # per-rank grad = Σ_{i on rank} h_i / s
+        small_scale = (s / small_b / self.loss_scale) ** 2
+        smalls = [x * small_scale for x in self._small_sq_norms]
+        self.last_small_sq_norms = smalls
+        return self.estimator.update(smalls, small_b, big, B, tokens)
+
+    def _gathered_per_sample(self) -> torch.Tensor:
+        """[dp * M * b] fp64 kernel norms of every sample of the global batch."""
+        self._flush()
+        totals = self._totals if self._totals is not None else torch.zeros(
+            self.M * self.b, dtype=torch.float64)
+        totals = self._mp_sum(totals, self._device())
+        if self.dp_size > 1:
+            out = [torch.zeros_like(totals) for _ in range(self.dp_size)]
+            dist.all_gather(out, totals, group=self.dp_group)
+            totals = torch.cat(out)
+        return totals
 
     # ---------------------------------------------------------------- checkpoint / plot
     def state_dict(self) -> dict:
@@ -351,23 +313,5 @@ class GNSTracker:
         """One line for the training log: what is measured and how."""
         n = sum(p.numel() for p in self.params)
         emb = "included" if self.config.gns_include_embedding else "excluded"
-        loss = "per-token loss" if self.per_token_loss else "mean-token loss / M"
         return (f"{len(self.params)} tracked tensors, {n / 1e6:.2f} M params on this rank, "
-                f"embedding/output layer {emb}, {loss}")
-
-
-def wrap_finalize_model_grads(finalize_fn: Callable, get_tracker: Callable) -> Callable:
-    """Megatron's `config.finalize_model_grads_func`, with the tracker's hooks around it.
-
-    `get_tracker()` returns the GNSTracker or None (so the wrapper can be installed before
-    the tracker exists). Before the DP reduction it reads each rank's grads (data-parallel
-    estimator); afterwards it records the global loss-token count (per-token loss).
-    """
-
-    def finalize_with_gns(*args, **kwargs):
-        tracker = get_tracker()
-        if tracker is None:
-            return finalize_fn(*args, **kwargs)
-        return tracker._finalize(finalize_fn, *args, **kwargs)
-
-    return finalize_with_gns
+                f"embedding/output layer {emb}, per-token loss")

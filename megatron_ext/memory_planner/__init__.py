@@ -3,7 +3,8 @@
 Main API: `ModelShape`, `ParallelLayout`, `estimate_memory(model, layout) -> MemoryEstimate`,
 `max_micro_batch_size`, `longest_sequence`, `best_config`, `MemoryPlannerConfig`,
 `add_memory_planner_args`, and `main` (CLI: `python -m megatron_ext.memory_planner`).
-Activation model: Korthikanti et al. 2022; see `estimate.py` for every term.
+Activation model: Korthikanti et al. 2022; see `estimate.py` for every term. `ModelShape`
+(parameters, FLOPs) lives in `megatron_ext.cost_model` and is re-exported here.
 """
 from .cli import main
 from .config import MemoryPlannerConfig, add_memory_planner_args

@@ -9,10 +9,11 @@ import argparse
 from dataclasses import replace
 from typing import List, Optional
 
+from ..cost_model import ModelShape, add_model_shape_args
 from .config import MemoryPlannerConfig, add_memory_planner_args
 from .estimate import GIB, estimate_memory, expandable_segments_enabled
 from .search import best_config, longest_sequence, max_micro_batch_size, relative_cost
-from .shapes import ModelShape, ParallelLayout
+from .shapes import ParallelLayout
 
 # Megatron --attention-backend values that materialise the scores.
 _LOCAL_BACKENDS = ("local", "unfused")
@@ -23,16 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m megatron_ext.memory_planner",
         description="Predict the peak GPU memory of megatron-core GPT training "
                     "(Korthikanti et al. 2022 activation model).")
-    m = p.add_argument_group("model (Megatron flag names)")
-    m.add_argument("--num-layers", type=int, required=True)
-    m.add_argument("--hidden-size", type=int, required=True)
-    m.add_argument("--ffn-hidden-size", type=int, default=None)
-    m.add_argument("--num-attention-heads", type=int, required=True)
-    m.add_argument("--num-query-groups", type=int, default=None)
-    m.add_argument("--seq-length", type=int, required=True)
-    m.add_argument("--vocab-size", type=int, default=50304)
-    m.add_argument("--swiglu", action="store_true")
-    m.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    m = add_model_shape_args(p)  # Megatron's model flags, read by ModelShape.from_megatron_args
     m.add_argument("--no-dropout", action="store_true",
                    help="hidden/attention dropout 0 (no dropout masks)")
     par = p.add_argument_group("parallelism and recompute (Megatron flag names)")
@@ -74,13 +66,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"note: ignoring flags the planner does not model: {' '.join(unknown)}")
     cfg = MemoryPlannerConfig.from_args(args)
     kw, cap = cfg.estimate_kwargs(), cfg.gpu_memory_bytes
-    model = ModelShape(
-        num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, seq_length=args.seq_length,
-        vocab_size=args.vocab_size, ffn_hidden_size=args.ffn_hidden_size,
-        num_query_groups=args.num_query_groups, swiglu=args.swiglu,
-        untie_embeddings=args.untie_embeddings_and_output_weights,
-        dropout=not args.no_dropout)
+    try:
+        model = ModelShape.from_megatron_args(args)
+    except ValueError as e:
+        parser.error(str(e))
     tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                   args.context_parallel_size)
     world = args.world_size or tp * pp * cp
@@ -101,8 +90,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         distributed_optimizer=args.use_distributed_optimizer,
         attention="local" if args.attention_backend in _LOCAL_BACKENDS else "flash")
 
-    print(f"model: {model.num_params() / 1e9:.3f}B params, {model.num_layers} layers, "
-          f"h={model.hidden_size}, heads={model.num_attention_heads}, "
+    print(f"model: {model.num_params(tp) / 1e9:.3f}B params, "
+          f"{model.flops_per_sample(tp) / 1e12:.1f} TFLOP/sample (fwd+bwd), "
+          f"{model.num_layers} layers, h={model.hidden_size}, "
+          f"heads={model.num_attention_heads}/{model.num_query_groups} groups, "
           f"s={model.seq_length}, vocab={model.padded_vocab(tp)} (padded), "
           f"attention={layout.attention}")
     print(f"GPU memory {cfg.gpu_memory_gb:g} GiB, overhead {cfg.memory_overhead_gb:g} GiB, "

@@ -7,14 +7,18 @@ Sizes are in GiB (2^30 bytes): an "80 GB" H100 has 79.6 GiB.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from megatron_ext.config_flags import FlagConfig
 
 from .estimate import GIB
 
 
 @dataclass
-class MemoryPlannerConfig:
+class MemoryPlannerConfig(FlagConfig):
     """Peak-memory prediction before training starts."""
+
+    flag_group = "memory planner"
 
     plan_memory: bool = False
     """Print the predicted peak memory per GPU (and warn if it does not fit) at startup."""
@@ -49,22 +53,7 @@ class MemoryPlannerConfig:
         return {"overhead_bytes": int(self.memory_overhead_gb * GIB),
                 "fragmentation": self.memory_fragmentation}
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "MemoryPlannerConfig":
-        kw = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        return cls(**kw)
-
 
 def add_memory_planner_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the "memory planner" argparse group; flags map 1:1 to config fields."""
-    d = MemoryPlannerConfig()
-    g = parser.add_argument_group("memory planner")
-    g.add_argument("--plan-memory", action="store_true", default=d.plan_memory,
-                   help="print the predicted peak memory per GPU before training")
-    g.add_argument("--gpu-memory-gb", type=float, default=d.gpu_memory_gb,
-                   help="memory of one GPU in GiB")
-    g.add_argument("--memory-overhead-gb", type=float, default=d.memory_overhead_gb,
-                   help="CUDA context/workspace overhead in GiB")
-    g.add_argument("--memory-fragmentation", type=float, default=d.memory_fragmentation,
-                   help="allocator fragmentation factor (>= 1)")
-    return parser
+    """Add the "memory planner" argparse group; flags map 1:1 to :class:`MemoryPlannerConfig` fields."""
+    return MemoryPlannerConfig.add_args(parser)

@@ -28,7 +28,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional
 
-from .shapes import ModelShape, ParallelLayout
+from ..cost_model import ModelShape
+from .shapes import ParallelLayout
 
 GIB = 1 << 30
 DEFAULT_OVERHEAD_BYTES = 1 * GIB
@@ -86,11 +87,11 @@ def stage_params(model: ModelShape, layout: ParallelLayout, stage: int) -> int:
     """Parameters held by one GPU of pipeline `stage` (tensor-parallel shard)."""
     t, pp = layout.tp, layout.pp
     n = layers_on_stage(model, layout, stage) * model.layer_params(t)
-    emb = model.padded_vocab(t) * model.hidden_size // t  # vocab-parallel embedding
+    emb = model.word_embedding_params(t)  # vocab-parallel embedding shard
     if stage == 0:
-        n += emb
+        n += emb + model.position_embedding_params()
     if stage == pp - 1:
-        n += 2 * model.hidden_size  # final LayerNorm
+        n += model.final_norm_params()
         # Untied output layer, or with pp > 1 the last stage keeps its own copy of the tied
         # embedding (Megatron all-reduces the two copies' gradients).
         if model.untie_embeddings or pp > 1:
@@ -115,14 +116,16 @@ def _layer_terms(model: ModelShape, layout: ParallelLayout, seq: int, mbs: int) 
     # QKV input and fc1 input (the LayerNorm outputs, 2+2) and two 1-byte dropout masks
     # (after the attention projection and after fc2).
     replicated = (4 + 2 + 2 + 2 * drop) * sbh
-    # Split over tp (Korthikanti's "24 sbh" for MHA and f = 4h): Q (2) and K, V (2 each,
-    # narrower with GQA) kept for the attention backward, attention output = projection
-    # input (2), fc1 output kept by the activation (2f, or 2*2f for SwiGLU) and fc2 input (2f).
+    # Split over tp (Korthikanti's "24 sbh" for MHA, f = 4h and head dim h/a): Q (2, width
+    # q = a*d) and K, V (2 each, width kv, narrower with GQA) kept for the attention
+    # backward, attention output = projection input (2q), fc1 output kept by the activation
+    # (2f, or 2*2f for SwiGLU) and fc2 input (2f).
     # (local attention repeat_interleaves K, V to all heads and keeps the expanded copies.)
-    kv = model.hidden_size if layout.attention == "local" else model.kv_hidden
-    qkv = 2 * sbh + 4 * s * mbs * kv
+    sbq = s * mbs * model.q_hidden
+    kv = model.q_hidden if layout.attention == "local" else model.kv_hidden
+    qkv = 2 * sbq + 4 * s * mbs * kv
     mlp = (4 * sbf + 2 * sbf) if model.swiglu else (2 * sbf + 2 * sbf)
-    split = qkv + 2 * sbh + mlp
+    split = qkv + 2 * sbq + mlp
     dense = (replicated + split) // t if sp else replicated + split // t
     if layout.attention == "flash":
         # Flash attention never stores the scores, only the fp32 log-sum-exp per query.
@@ -214,8 +217,7 @@ def largest_transient_bytes(model: ModelShape, layout: ParallelLayout, stage: in
     fp32 scores of local attention [b, a/t, s, s], the fp32 logits [s, b, V/t] of the last
     stage, or the fc1 output [s, b, f'/t] (bf16)."""
     s, b, t = model.seq_length // layout.cp, layout.micro_batch_size, layout.tp
-    fc1 = 2 * model.ffn_hidden_size if model.swiglu else model.ffn_hidden_size
-    largest = 2 * s * b * fc1 // t
+    largest = 2 * s * b * model.fc1_width // t
     if layout.attention == "local":
         largest = max(largest, 4 * model.num_attention_heads * s * s * b // t)
     if stage == layout.pp - 1:

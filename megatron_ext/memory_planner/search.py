@@ -9,8 +9,9 @@ import math
 from dataclasses import replace
 from typing import Iterable, List, Optional, Tuple
 
+from ..cost_model import ModelShape
 from .estimate import MemoryEstimate, estimate_memory
-from .shapes import ModelShape, ParallelLayout
+from .shapes import ParallelLayout
 
 # Cost-model constants (heuristics, documented so they can be tuned against measurements).
 TP_COMM_PER_DOUBLING = 0.08  # TP all-gather/reduce-scatter per layer, mostly not overlapped
@@ -37,7 +38,10 @@ def max_micro_batch_size(model: ModelShape, layout: ParallelLayout, gpu_memory_b
 
 def longest_sequence(model: ModelShape, layout: ParallelLayout, gpu_memory_bytes: float,
                      multiple: int = 1024, limit: int = 1 << 20, **estimate_kw) -> int:
-    """Longest sequence (a multiple of `multiple`, <= limit) whose estimate fits; 0 if none."""
+    """Longest sequence (a multiple of `multiple`, <= limit) whose estimate fits; 0 if none.
+    A learned position table of fixed size also caps it."""
+    if model.learned_positions and model.max_position_embeddings:
+        limit = min(limit, model.max_position_embeddings)
     lo, hi = 0, int(limit) // int(multiple)
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -49,30 +53,20 @@ def longest_sequence(model: ModelShape, layout: ParallelLayout, gpu_memory_bytes
     return lo * multiple
 
 
-def _forward_flops(model: ModelShape, attention: str, seq: int, mbs: int):
-    """(layer dense, output layer, attention) forward FLOPs for one micro-batch.
-
-    Dense: 2 FLOPs per weight per token (Narayanan et al. 2021, eq. 3); attention: QK^T and
-    PV, 2 * 2 * s^2 * h per layer, halved for causal flash attention (it skips masked
-    blocks) while local attention computes the full square.
-    """
-    h, L, tokens = model.hidden_size, model.num_layers, seq * mbs
-    layers = 2.0 * tokens * L * model.layer_params(1)
-    head = 2.0 * tokens * model.padded_vocab(1) * h
-    attn = 4.0 * seq * seq * mbs * h * L * (0.5 if attention == "flash" else 1.0)
-    return layers, head, attn
-
-
 def relative_cost(model: ModelShape, layout: ParallelLayout) -> float:
     """Predicted time per sample relative to an ideal, penalty-free run (1.0).
 
-    Training = forward + backward (2x forward) = 3 forward units. Full recompute adds one
-    forward of the layers (~33%), selective one forward of the core attention (a few % for
-    short sequences, much more for long ones). Pipeline bubble: (pp - 1) / m of the step
-    (1F1B, Narayanan et al. 2021); TP/CP communication: fixed penalty per doubling.
+    FLOPs from the cost model (`ModelShape.forward_flops_per_token`): training = forward +
+    backward (2x forward) = 3 forward units. Causal flash attention skips the masked blocks,
+    as the model FLOPs count, but local attention computes the full s x s square: twice the
+    attention FLOPs. Full recompute adds one forward of the layers (~33%), selective one
+    forward of the core attention (a few % for short sequences, much more for long ones).
+    Pipeline bubble: (pp - 1) / m of the step (1F1B, Narayanan et al. 2021); TP/CP
+    communication: fixed penalty per doubling.
     """
-    layers, head, attn = _forward_flops(model, layout.attention, model.seq_length,
-                                        layout.micro_batch_size)
+    flops = model.forward_flops_per_token(layout.tp)
+    layers, head = float(flops["layers"]), float(flops["logits"])
+    attn = flops["attention"] * (2.0 if layout.attention == "local" else 1.0)
     base = 3.0 * (layers + head + attn)
     extra = {"full": layers + attn, "selective": attn}.get(layout.recompute_granularity, 0.0)
     cost = (base + extra) / base

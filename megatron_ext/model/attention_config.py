@@ -6,14 +6,21 @@ Main API: :class:`AttentionConfig`, :func:`add_attention_args`.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
+
+from megatron_ext.config_flags import FlagConfig
 
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "local")
 
 
 @dataclass
-class AttentionConfig:
-    attention_backend: str = "auto"
+class AttentionConfig(FlagConfig):
+    """Core attention and context parallelism."""
+
+    flag_group = "attention and context parallelism"
+
+    attention_backend: str = field(default="auto",
+                                   metadata={"argparse": {"choices": ATTENTION_BACKENDS}})
     """Core attention: ``flash`` (flash-attn package), ``sdpa`` (PyTorch
     scaled_dot_product_attention, flash/efficient kernels), ``local`` (megatron-core's
     DotProductAttention, materialises s x s scores) or ``auto`` (flash if importable, else sdpa)."""
@@ -36,12 +43,7 @@ class AttentionConfig:
                 "(megatron-core's local attention does not support context parallelism)"
             )
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "AttentionConfig":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
-
-def add_attention_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("attention and context parallelism")
-    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
-    g.add_argument("--context-parallel-size", type=int, default=1)
+def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the "attention and context parallelism" argparse group; flags map 1:1 to :class:`AttentionConfig` fields."""
+    return AttentionConfig.add_args(parser)

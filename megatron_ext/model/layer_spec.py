@@ -15,7 +15,7 @@ implementation get one:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -37,15 +37,22 @@ from megatron.core.transformer.transformer_layer import (
 
 from megatron_ext.model.norms import SPNorm
 
+#: What a layer-spec slot accepts: a module class, or a ModuleSpec with constructor params.
+Slot = Union[type, ModuleSpec]
+
 
 def get_gpt_layer_spec(
-    core_attention: type = DotProductAttention,
-    column_linear: type = ColumnParallelLinear,
-    row_linear: type = RowParallelLinear,
-    norm: type = SPNorm,
+    core_attention: Slot = DotProductAttention,
+    column_linear: Slot = ColumnParallelLinear,
+    row_linear: Slot = RowParallelLinear,
+    norm: Slot = SPNorm,
     qk_layernorm: bool = False,
 ) -> ModuleSpec:
-    """One pre-norm GPT transformer layer made of megatron-core modules and our slots."""
+    """One pre-norm GPT transformer layer made of megatron-core modules and our slots.
+
+    A slot takes a class or a ``ModuleSpec`` (whose ``params`` megatron-core's
+    ``build_module`` passes to the constructor, e.g. the GNS layers' recorder).
+    """
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -75,7 +82,7 @@ def get_gpt_layer_spec(
 def get_gpt_block_spec(
     config: TransformerConfig,
     layer_spec: Optional[ModuleSpec] = None,
-    norm: type = SPNorm,
+    norm: Slot = SPNorm,
     vp_stage: Optional[int] = None,
 ) -> TransformerBlockSubmodules:
     """The transformer block of this pipeline stage: its layers plus our final norm.

@@ -1,7 +1,8 @@
 """Save and resume training state with megatron-core ``dist_checkpointing``.
 
 Main API: :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`latest_iteration`,
-:func:`model_signature`.
+:func:`model_signature`, :data:`FORMAT_VERSION` (what :class:`Checkpointer` in
+``checkpointer.py`` puts into a checkpoint besides the shards).
 
 Layout of ``--save DIR``::
 
@@ -18,6 +19,11 @@ read, naming each flag (:class:`CheckpointMismatch`).
 A checkpoint is written to ``iter_N.tmp`` and renamed when every rank has finished, and the
 "latest" file is replaced atomically afterwards, so a crash while saving never leaves a
 half-written checkpoint behind as the one to resume from.
+
+The loop's state (``common.pt``'s ``loop`` entry) carries ``format_version``. Version 1
+(written before the train state owned the progress: no version key) is upgraded on load, so
+those checkpoints resume with the same sample stream and schedule; a version this code does
+not know stops with one line naming it.
 """
 
 from __future__ import annotations
@@ -47,13 +53,18 @@ MODEL_SHAPE_FLAGS = (
 )
 
 
+#: Version of the loop state this code writes (see :func:`upgrade_loop_state`).
+FORMAT_VERSION = 2
+
+
 class CheckpointMismatch(ValueError):
-    """The checkpoint under --load was saved for a different model."""
+    """The checkpoint under --load does not fit this run (model, optimizer or format)."""
 
 
-def model_signature(args, padded_vocab_size: int) -> Dict[str, Any]:
-    """The values of :data:`MODEL_SHAPE_FLAGS` for this run."""
-    sig = {k: getattr(args, k, None) for k in MODEL_SHAPE_FLAGS if k != "padded_vocab_size"}
+def model_signature(model_config, padded_vocab_size: int) -> Dict[str, Any]:
+    """The values of :data:`MODEL_SHAPE_FLAGS` for this run (from its ModelConfig)."""
+    sig = {k: getattr(model_config, k, None) for k in MODEL_SHAPE_FLAGS
+           if k != "padded_vocab_size"}
     sig["padded_vocab_size"] = int(padded_vocab_size)
     if sig.get("position_embedding_type") != "learned_absolute":
         sig.pop("max_position_embeddings")  # only learned positions have a table
@@ -73,6 +84,41 @@ def _check_model_signature(ckpt_dir: str, saved: Optional[Dict[str, Any]],
                          for k in diffs)
         raise CheckpointMismatch(f"--load {ckpt_dir} was saved for another model: {what}; "
                                  "use the saved run's model flags")
+
+
+def upgrade_loop_state(loop: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """The loop state in the current format (version 1 is converted, others refused).
+
+    Version 1 kept the progress in three places (``iteration``; the sampler's and the data's
+    ``consumed_samples``; the extensions' ``current_batch``/``current_micro``); version 2
+    has one ``train_state`` and one entry per component.
+    """
+    version = loop.get("format_version", 1)
+    if version == FORMAT_VERSION:
+        return loop
+    if version != 1:
+        raise CheckpointMismatch(
+            f"--load {where}: checkpoint format version {version} is not one this megatron_ext "
+            f"reads (1 to {FORMAT_VERSION}); resume it with the release that wrote it")
+    ext = loop.get("extensions") or {}
+    data = loop["data"]
+    components = {}
+    if ext.get("gns") is not None:
+        components["gns"] = ext["gns"]
+    if ext.get("controller") is not None:
+        components["batch_growth"] = {"controller": ext["controller"],
+                                      "lr_scaler": ext["lr_scaler"]}
+    return {
+        "format_version": FORMAT_VERSION,
+        "train_state": {"iteration": loop["iteration"],
+                        "consumed_samples": data["consumed_samples"],
+                        "global_batch_size": ext["current_batch"],
+                        "micro_batch_size": ext["current_micro"]},
+        "data": {"total_samples": data["sampler"]["total_samples"]},
+        "components": components,
+        "parallel_layout": loop.get("parallel_layout"),
+        "model": loop.get("model"),
+    }
 
 
 def _iter_dir(root: str, iteration: int) -> str:
@@ -157,7 +203,8 @@ def load_checkpoint(root: str, model, optimizer, load_optim: bool = True,
     ckpt_dir = _iter_dir(root, iteration)
     rank = torch.distributed.get_rank()
     rank_file = os.path.join(ckpt_dir, f"rank_{rank:05d}.pt")
-    common = dist_checkpointing.load_common_state_dict(ckpt_dir)["loop"]
+    common = upgrade_loop_state(dist_checkpointing.load_common_state_dict(ckpt_dir)["loop"],
+                                ckpt_dir)
     _check_model_signature(ckpt_dir, common.get("model"), signature)
     state = _sharded_state(model, optimizer, load_optim, is_loading=True)
     state["loop"] = None
@@ -172,7 +219,7 @@ def load_checkpoint(root: str, model, optimizer, load_optim: bool = True,
     model.load_state_dict(loaded["model"])
     if load_optim:
         optimizer.load_state_dict(loaded["optimizer"])
-    loop_state = loaded.get("loop") or common
+    loop_state = common  # the replicated loop state, already upgraded
     saved_layout = loop_state.get("parallel_layout")
     if os.path.exists(rank_file) and saved_layout in (None, parallel_layout()):
         _set_rng_state(torch.load(rank_file, weights_only=False))

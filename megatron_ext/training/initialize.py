@@ -1,11 +1,10 @@
-"""Process groups, devices, seeds and the micro-batch calculator.
+"""Process groups, devices and seeds.
 
-Main API: :func:`initialize_megatron`.
+Main API: :func:`initialize_megatron`, :func:`set_seeds`, :func:`optimizer_impl`.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import logging
 import os
@@ -17,14 +16,16 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def initialize_megatron(args: argparse.Namespace) -> str:
-    """Initialise torch.distributed and megatron-core's parallel state; returns the device type.
+def initialize_megatron(job) -> str:
+    """Initialise torch.distributed, megatron-core's parallel state and the micro-batch
+    calculator (at the job's initial batch; the train state re-points it when the batch
+    changes); returns the device type.
 
     Without CUDA the gloo backend runs and :mod:`megatron_ext.cpu_backend` redirects
     megatron-core's CUDA calls to CPU.
     """
     use_cuda = torch.cuda.is_available()
-    backend = args.distributed_backend
+    backend = job.parallel.distributed_backend
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
@@ -40,24 +41,20 @@ def initialize_megatron(args: argparse.Namespace) -> str:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         torch.distributed.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes),
+            timeout=datetime.timedelta(minutes=job.parallel.distributed_timeout_minutes),
         )
     from megatron.core import parallel_state as ps
     from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
 
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
+        tensor_model_parallel_size=job.tp,
+        pipeline_model_parallel_size=job.pp,
+        context_parallel_size=job.cp,
     )
-    set_seeds(args.seed)
-    init_num_microbatches_calculator(
-        torch.distributed.get_rank(),
-        None,
-        args.global_batch_size,
-        args.micro_batch_size,
-        ps.get_data_parallel_world_size(),
-    )
+    set_seeds(job.training.seed)
+    t = job.training
+    init_num_microbatches_calculator(torch.distributed.get_rank(), None, t.global_batch_size,
+                                     t.micro_batch_size, ps.get_data_parallel_world_size())
     return "cuda" if use_cuda else "cpu"
 
 
@@ -70,6 +67,14 @@ def set_seeds(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def optimizer_impl(optimizer) -> str:
+    """Which Adam/SGD megatron-core picked (Transformer Engine's or apex's fused one when
+    importable, else torch's), e.g. "torch.optim.adamw.AdamW"."""
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    inner = getattr(chained[0], "optimizer", chained[0])
+    return f"{type(inner).__module__}.{type(inner).__qualname__}"
 
 
 def _free_port() -> int:

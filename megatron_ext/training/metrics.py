@@ -1,29 +1,33 @@
-"""Megatron-style progress lines, TensorBoard scalars and JSON-lines metrics.
+"""What the run prints and records: progress lines, TensorBoard scalars, JSON lines.
 
-Main API: :class:`MetricsLogger`, :func:`model_flops_per_sample`.
+Main API: :class:`MetricsLogger` (every line format of the training log lives here),
+:func:`tflops_per_gpu`, :func:`memory_gib`, :data:`TIMED_PHASES`.
+
+Only one rank writes (the caller says which: the last pipeline stage's first TP/DP rank,
+which holds the loss). Per-phase times come from megatron-core's :class:`Timers`
+(``forward-backward``, ``optimizer``, ``gns``, ``data``, ``checkpoint``), read and reset at
+every progress line.
 """
-
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Dict, Optional
 
 import torch
 
-from megatron_ext.batch_growth.planner import gpt_flops_per_sample
-
 logger = logging.getLogger(__name__)
 
+#: Timer names of the per-phase breakdown, in the order the log prints them.
+TIMED_PHASES = ("data", "forward-backward", "gns", "optimizer", "checkpoint")
 
-def model_flops_per_sample(args, vocab_size: int) -> float:
-    """Model FLOPs of forward+backward for one sample (Narayanan et al. 2021), without
-    recompute: the "model FLOPs" of MFU, so recomputation does not inflate TFLOP/s."""
-    return gpt_flops_per_sample(
-        args.num_layers, args.hidden_size, args.seq_length, vocab_size,
-        ffn=args.ffn_hidden_size,
-    )
+
+def tflops_per_gpu(flops_per_sample: float, global_batch: int, seconds: float,
+                   world_size: int) -> float:
+    """Model TFLOP/s per GPU of one step (model FLOPs: no recompute, see ModelShape)."""
+    return flops_per_sample * global_batch / seconds / world_size / 1e12
 
 
 def memory_gib() -> float:
@@ -38,8 +42,12 @@ def memory_gib() -> float:
         return float("nan")
 
 
+def _f(value: Optional[float]) -> float:
+    return float("nan") if value is None else float(value)
+
+
 class MetricsLogger:
-    """Writes on one rank only (the caller decides which)."""
+    """Writes on one rank only (``enabled``); ``announce`` prints on global rank 0."""
 
     def __init__(self, enabled: bool, tensorboard_dir: Optional[str], json_path: Optional[str]):
         self.enabled = enabled
@@ -59,27 +67,62 @@ class MetricsLogger:
             os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
             self.json_file = open(json_path, "a")
 
-    def log_iteration(self, iteration: int, train_iters: int, metrics: Dict[str, float]) -> None:
+    @staticmethod
+    def announce(msg: str) -> None:
+        """A ``> ...`` line on global rank 0 (startup, checkpoints, decisions)."""
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"> {msg}", flush=True)
+
+    def iteration(self, iteration: int, train_iters: int, m: Dict[str, float]) -> None:
+        """The progress line of one step (Megatron-LM's layout) plus its scalars."""
         if not self.enabled:
             return
         parts = [
             f" iteration {iteration:8d}/{train_iters:8d}",
-            f"consumed samples: {int(metrics['consumed_samples']):12d}",
-            f"elapsed time per iteration (ms): {metrics['iteration_time_ms']:.1f}",
-            f"learning rate: {metrics['lr']:.6E}",
-            f"global batch size: {int(metrics['global_batch_size']):5d}",
-            f"lm loss: {metrics['lm_loss']:.6E}",
-            f"grad norm: {metrics['grad_norm']:.3f}",
-            f"tokens/s: {metrics['tokens_per_s']:.0f}",
-            f"TFLOP/s/GPU: {metrics['tflops_per_gpu']:.2f}",
-            f"mem: {metrics['memory_gib']:.2f} GiB",
+            f"consumed samples: {int(m['consumed_samples']):12d}",
+            f"elapsed time per iteration (ms): {m['iteration_time_ms']:.1f}",
+            f"learning rate: {m['lr']:.6E}",
+            f"global batch size: {int(m['global_batch_size']):5d}",
+            f"lm loss: {m['lm_loss']:.6E}",
+            f"grad norm: {m['grad_norm']:.3f}",
+            f"tokens/s: {m['tokens_per_s']:.0f}",
+            f"TFLOP/s/GPU: {m['tflops_per_gpu']:.2f}",
+            f"mem: {m['memory_gib']:.2f} GiB",
         ]
-        if "b_simple" in metrics:
-            parts.append(f"B_simple: {metrics['b_simple']:.1f}")
+        if "b_simple" in m:
+            parts.append(f"B_simple: {m['b_simple']:.1f}")
+        phases = [f"{p} {m['time/' + p]:.1f}" for p in TIMED_PHASES if f"time/{p}" in m]
+        if phases:
+            parts.append("ms: " + ", ".join(phases))
         print(" | ".join(parts), flush=True)
-        self.scalars(iteration, metrics, tokens=int(metrics.get("tokens", 0)))
+        self.scalars(iteration, m)
 
-    def scalars(self, iteration: int, metrics: Dict[str, float], tokens: Optional[int] = None) -> None:
+    def gns(self, iteration: int, r: Dict[str, float]) -> None:
+        """Every --gns-log-interval steps: B_simple and its EMAs."""
+        if not self.enabled:
+            return
+        print(f" gns iteration {iteration:8d} | tokens: {int(r['gns/tokens']):12d} | "
+              f"B_simple: {_f(r['gns/b_simple']):.2f} | |G|^2: {r['gns/grad_sq_norm']:.4E} | "
+              f"tr(Sigma): {r['gns/trace_sigma']:.4E} | skipped samples: "
+              f"{int(r['gns/skipped_samples'])}", flush=True)
+        self.scalars(iteration, r)
+
+    def validation(self, iteration: int, loss: Optional[float]) -> None:
+        if not self.enabled or loss is None:
+            return
+        print(f" validation loss at iteration {iteration}: {loss:.6E} | "
+              f"ppl: {math.exp(min(loss, 50)):.3f}", flush=True)
+        self.scalars(iteration, {"valid_lm_loss": loss})
+
+    def growth(self, iteration: int, global_batch: int, plan, reason: str) -> None:
+        """A batch-growth decision (``plan``: the planner's Plan, or None)."""
+        how = (f"micro {plan.micro_batch_size} x {plan.num_microbatches} accumulation x DP "
+               f"{plan.dp_size}, {plan.reduction} gradient reduction, predicted "
+               f"{plan.predicted_step_time_s * 1e3:.2f} ms/step" if plan is not None else "")
+        self.announce(f"batch growth at iteration {iteration}: global batch -> {global_batch}"
+                      f"{f' ({how})' if how else ''}; {reason}")
+
+    def scalars(self, iteration: int, metrics: Dict[str, float]) -> None:
         if not self.enabled:
             return
         if self.writer is not None:
@@ -96,3 +139,6 @@ class MetricsLogger:
             self.writer.close()
         if self.json_file is not None:
             self.json_file.close()
+
+
+__all__ = ["MetricsLogger", "TIMED_PHASES", "memory_gib", "tflops_per_gpu"]

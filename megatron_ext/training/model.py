@@ -1,6 +1,13 @@
 """Build the megatron-core GPT model of a training run.
 
-Main API: :func:`build_transformer_config`, :func:`build_model`, :func:`init_weights_by_name`.
+Main API: :func:`build_gpt` (config + core attention + model + DDP of a job),
+:func:`build_optimizer`, and underneath :func:`build_transformer_config`, :func:`build_model`,
+:func:`init_weights_by_name`.
+
+Everything that builds a GPT for training (the loop, the GNS tests, the benchmarks) calls
+:func:`build_gpt` with a :class:`~megatron_ext.training.job.JobConfig`; features change the
+model only through :class:`~megatron_ext.training.hooks.ModelOptions` (layer-spec slots and,
+for the embedding/output layer that GPTModel builds itself, a GPTModel subclass).
 
 Parameters are initialised by *name* (:func:`init_weights_by_name`): every parameter's full,
 unsharded tensor is drawn from a generator seeded by (seed, global parameter name) and the
@@ -11,9 +18,9 @@ TP=1" a testable property (Megatron's own init draws per pipeline stage, so PP c
 
 from __future__ import annotations
 
-import argparse
 import re
 import zlib
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -27,6 +34,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_ext.model.layer_spec import get_gpt_block_spec, get_gpt_layer_spec
 from megatron_ext.model.norms import SPNorm
+from megatron_ext.training.hooks import ModelOptions
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -43,33 +51,35 @@ def _deferred_init(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
-    dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
+def build_transformer_config(job) -> TransformerConfig:
+    """megatron-core's TransformerConfig for a :class:`JobConfig`."""
+    m, p, r, t = job.model, job.parallel, job.recompute, job.training
+    dtype = torch.bfloat16 if t.bf16 else (torch.float16 if t.fp16 else torch.float32)
     return TransformerConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        kv_channels=args.kv_channels,
-        normalization=args.normalization,
-        layernorm_epsilon=args.norm_epsilon,
-        gated_linear_unit=args.swiglu,
-        activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
-        add_bias_linear=not args.disable_bias_linear,
-        qk_layernorm=args.qk_layernorm,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        init_method_std=args.init_method_std,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        recompute_granularity=args.recompute_granularity,
-        recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
-        bf16=args.bf16,
-        fp16=args.fp16,
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=m.swiglu,
+        activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
+        add_bias_linear=not m.disable_bias_linear,
+        qk_layernorm=m.qk_layernorm,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        context_parallel_size=job.cp,
+        sequence_parallel=p.sequence_parallel,
+        recompute_granularity=r.recompute_granularity,
+        recompute_method=r.recompute_method,
+        recompute_num_layers=r.recompute_num_layers,
+        bf16=t.bf16,
+        fp16=t.fp16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         # Exact per-token mean over the whole global batch (also right under CP, where ranks
@@ -93,55 +103,89 @@ def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
     )
 
 
-def build_model(
-    args: argparse.Namespace,
-    config: TransformerConfig,
-    vocab_size: int,
-    core_attention: type,
-    linear_classes: Optional[Tuple[type, type]] = None,
-    norm_class: Optional[type] = None,
-) -> Tuple[GPTModel, DistributedDataParallel]:
+def build_model(job, config: TransformerConfig, padded_vocab: int, core_attention: type,
+                options: Optional[ModelOptions] = None) -> Tuple[GPTModel, DistributedDataParallel]:
     """GPTModel of this pipeline stage, initialised by name, wrapped for DDP.
 
-    Returns ``(gpt_model, ddp_model)``: the first is the unwrapped module (for checkpoints and
-    hooks), the second is what the schedule and the optimizer use.
+    Returns ``(gpt_model, ddp_model)``: the first is the unwrapped module (for checkpoints),
+    the second is what the schedule and the optimizer use.
     """
-    norm = norm_class or SPNorm
-    spec_kwargs = {"core_attention": core_attention, "norm": norm}
-    if linear_classes is not None:
-        spec_kwargs["column_linear"], spec_kwargs["row_linear"] = linear_classes
-    layer_spec = get_gpt_layer_spec(qk_layernorm=args.qk_layernorm, **spec_kwargs)
-    block_spec = get_gpt_block_spec(config, layer_spec, norm=norm)
-    model = GPTModel(
+    m, options = job.model, options or ModelOptions()
+    slots = {"norm": SPNorm, **options.layer_specs}
+    layer_spec = get_gpt_layer_spec(core_attention=core_attention, qk_layernorm=m.qk_layernorm,
+                                    **slots)
+    block_spec = get_gpt_block_spec(config, layer_spec, norm=slots["norm"])
+    model_class = options.model_class or GPTModel
+    model = model_class(
         config=config,
         transformer_layer_spec=block_spec,
-        vocab_size=padded_vocab_size(
-            vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
-        ),
-        max_sequence_length=args.max_position_embeddings,
+        vocab_size=padded_vocab,
+        max_sequence_length=m.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_base=args.rotary_base,
+        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+        position_embedding_type=m.position_embedding_type,
+        rotary_base=m.rotary_base,
+        **options.model_kwargs,
     )
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     model.to(device)
-    init_weights_by_name(model, config, args.seed)  # drawn where the model lives (fast on GPU)
-    wrapped = Float16Module(config, model) if (args.bf16 or args.fp16) else model
+    init_weights_by_name(model, config, job.training.seed)  # drawn where the model lives
+    wrapped = Float16Module(config, model) if (config.bf16 or config.fp16) else model
     ddp = DistributedDataParallel(
         config,
         DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=args.overlap_grad_reduce,
-            use_distributed_optimizer=args.use_distributed_optimizer,
-            # NaN/Inf gradients stop training with a clear error (loop.TrainingDiverged);
+            overlap_grad_reduce=job.parallel.overlap_grad_reduce,
+            use_distributed_optimizer=job.parallel.use_distributed_optimizer,
+            # NaN/Inf gradients stop training with a clear error (errors.TrainingDiverged);
             # fp16 instead relies on the loss scaler, which skips steps with Inf grads.
-            check_for_nan_in_grad=not args.fp16,
+            check_for_nan_in_grad=not config.fp16,
         ),
         wrapped,
     )
     return model, ddp
+
+
+@dataclass
+class BuiltGPT:
+    """What :func:`build_gpt` returns."""
+
+    config: TransformerConfig
+    gpt: GPTModel
+    """The unwrapped model of this pipeline stage (checkpoints, parameter counts)."""
+    ddp: DistributedDataParallel
+    """What the schedule and the optimizer use."""
+    attention: str
+    """Which core-attention implementation runs (for the startup line)."""
+
+
+def build_gpt(job, padded_vocab: int, options: Optional[ModelOptions] = None) -> BuiltGPT:
+    """The GPT of ``job`` on this rank, with megatron-core's ``finalize_model_grads``."""
+    from megatron.core.distributed import finalize_model_grads
+
+    from megatron_ext.model.attention import get_core_attention
+
+    config = build_transformer_config(job)
+    config.finalize_model_grads_func = finalize_model_grads
+    core_attention, description = get_core_attention(job.attention)
+    gpt, ddp = build_model(job, config, padded_vocab, core_attention, options)
+    return BuiltGPT(config, gpt, ddp, description)
+
+
+def build_optimizer(job, config: TransformerConfig, ddp):
+    """megatron-core's optimizer of ``job`` (mixed precision, clipping, distributed optimizer)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    o, t = job.optimizer, job.training
+    return get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer=o.optimizer, lr=job.schedule.lr, min_lr=job.schedule.min_lr,
+            weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps, sgd_momentum=o.sgd_momentum, clip_grad=o.clip_grad,
+            bf16=t.bf16, fp16=t.fp16, params_dtype=config.params_dtype,
+            use_distributed_optimizer=job.parallel.use_distributed_optimizer),
+        [ddp])
 
 
 def _global_layer_prefixes(model: torch.nn.Module) -> Dict[str, int]:

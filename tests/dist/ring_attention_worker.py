@@ -1,42 +1,56 @@
 """torchrun worker for tests/test_ring_attention.py: CP ring attention == full causal attention.
 
-Run: ``torchrun --nproc_per_node 2 tests/dist/ring_attention_worker.py`` (CPU, gloo). Checks,
-on a context-parallel group of all ranks:
+Run: ``torchrun --nproc_per_node 2 tests/dist/ring_attention_worker.py`` (CPU, gloo). The
+process group and parallel state come from the product's ``initialize_megatron`` of a job
+with ``--context-parallel-size`` = all ranks. Checks, on that context-parallel group:
 
 1. ``ring_attention`` output and q/k/v grads equal full attention on the gathered sequence
-   (MHA/GQA, causal/no_mask, fp32 and bf16), also through ``SDPACoreAttention``'s CP path;
+   (MHA/GQA, causal/no_mask, fp32 and bf16), also through ``SDPACoreAttention``'s CP path
+   (one bare core-attention module: the unit under test);
 2. ``split_batch_for_context_parallel`` round-trips through ``gather_from_context_parallel``,
    and megatron's RoPE slice (``get_pos_emb_on_this_cp_rank``) is the same split;
-3. a tiny GPTModel with CP gives the same per-token losses and (after summing over the CP
-   group) the same parameter gradients as the same weights without CP.
+3. the tiny GPT that training builds with CP (``build_gpt``) gives the same per-token
+   losses as the same GPT without CP (same weights: initialised by name), and one training
+   forward/backward of it (schedule, DDP, finalize over the CP group) gives the gradients of
+   the global per-token mean that the full-sequence model gets.
 Prints ``RING_OK`` on success.
 """
+import os
+import sys
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
+# CPU + gloo even on a GPU machine (both ranks would share one GPU).
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
-from megatron_ext import cpu_backend
-
-cpu_backend.enable_cpu_backend(force=True)  # CPU + gloo even on a GPU machine
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.common.embeddings.rotary_pos_embedding import (  # noqa: E402
     RotaryEmbedding,
 )
-from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
-from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
+from gpt_helpers import build, forward_backward, loss_totals, micro_batches  # noqa: E402
 from megatron_ext.model.attention import SDPACoreAttention  # noqa: E402
-from megatron_ext.model.layer_spec import get_gpt_block_spec, get_gpt_layer_spec  # noqa: E402
 from megatron_ext.model.ring_attention import (  # noqa: E402
     gather_from_context_parallel,
     ring_attention,
     split_batch_for_context_parallel,
 )
+from megatron_ext.training.hooks import ModelOptions  # noqa: E402
+from megatron_ext.training.initialize import initialize_megatron  # noqa: E402
+from megatron_ext.training.job import parse_job  # noqa: E402
+
+# The tiny GQA GPT of check 3 (the job adds --context-parallel-size).
+GPT_FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+             "--num-query-groups", "2", "--seq-length", "16", "--max-position-embeddings", "32",
+             "--micro-batch-size", "2", "--make-vocab-size-divisible-by", "64",
+             "--attention-backend", "sdpa", "--seed", "0"]
+VOCAB = 64
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -109,52 +123,48 @@ def check_split_roundtrip():
     assert torch.equal(rope(s), split(rope.get_emb(s)))
 
 
-def tiny_gpt(cp_size, pg_collection=None):
-    cfg = TransformerConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-        context_parallel_size=cp_size, use_cpu_initialization=True, attention_dropout=0.0,
-        hidden_dropout=0.0, masked_softmax_fusion=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-    )
-    spec = get_gpt_block_spec(cfg, get_gpt_layer_spec(SDPACoreAttention))
-    return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=64,
-                    max_sequence_length=32, position_embedding_type="rope",
-                    pg_collection=pg_collection)
-
-
-def check_gpt():
-    torch.manual_seed(0)
-    model_parallel_cuda_manual_seed(0)
-    cp_model = tiny_gpt(CP)
+def check_gpt(cp_job):
+    world = dist.get_world_size()
+    cp = build(cp_job, VOCAB)
+    # The same GPT without CP: full sequences on every rank (its own one-rank CP group).
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     pgs.cp = SELF_GROUP
-    ref_model = tiny_gpt(1, pgs)
-    ref_model.load_state_dict(cp_model.state_dict())
+    ref = build(parse_job(GPT_FLAGS, world_size=world), VOCAB,
+                ModelOptions(model_kwargs={"pg_collection": pgs}))
+    attention = [m.decoder.layers[0].self_attention.core_attention for m in (cp.gpt, ref.gpt)]
+    assert [dist.get_world_size(a.cp_group) for a in attention] == [CP, 1]  # ring vs full
+    for (name, p), p_ref in zip(cp.gpt.named_parameters(), ref.gpt.parameters()):
+        assert torch.equal(p, p_ref), f"{name}: weights are not initialised by name"
 
-    s = 16
-    data = torch.randint(0, 64, (2, s + 1), generator=torch.Generator().manual_seed(3))
-    full = {"tokens": data[:, :-1], "labels": data[:, 1:],
-            "position_ids": torch.arange(s).expand(2, -1)}
-    ref_losses = ref_model(full["tokens"], full["position_ids"], None, labels=full["labels"])
+    s = cp_job.model.seq_length
+    data = torch.randint(0, VOCAB, (2, s + 1), generator=torch.Generator().manual_seed(3))
+    full = micro_batches(data, 2)[0]
+    ref_losses = ref.gpt(full["tokens"], full["position_ids"], None, labels=full["labels"])
     ref_losses.mean().backward()  # [b, s] per-token losses -> mean over all tokens
+    # (DDP's hooks move each parameter's grad into its main_grad; no reduction runs here.)
 
     local = split_batch_for_context_parallel(full, CP_RANK, CP)
-    losses = cp_model(local["tokens"], local["position_ids"], None, labels=local["labels"])
-    torch.testing.assert_close(gather_from_context_parallel(losses.detach(), CP_GROUP, 1),
+    with torch.no_grad():
+        losses = cp.gpt(local["tokens"], local["position_ids"], None, labels=local["labels"])
+    torch.testing.assert_close(gather_from_context_parallel(losses, CP_GROUP, 1),
                                ref_losses.detach(), **TOL)
-    # global token mean = sum of local sums / global token count; grads summed over CP
-    (losses.sum() / ref_losses.numel()).backward()
-    for (name, p), p_ref in zip(cp_model.named_parameters(), ref_model.parameters()):
-        grad = p.grad.clone()
-        dist.all_reduce(grad, group=CP_GROUP)
-        torch.testing.assert_close(grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+    # A training forward/backward: token-sum loss per rank, finalize sums the grads and the
+    # token counts over the CP group: main_grad = grad of the global per-token mean.
+    cp.ddp.zero_grad_buffer()
+    totals = loss_totals(forward_backward(cp.ddp, [local]))
+    dist.all_reduce(totals, group=CP_GROUP)
+    assert int(totals[1]) == ref_losses.numel()
+    torch.testing.assert_close(totals[0] / totals[1], ref_losses.detach().mean(), **TOL)
+    for (name, p), p_ref in zip(cp.gpt.named_parameters(), ref.gpt.parameters()):
+        torch.testing.assert_close(p.main_grad, p_ref.main_grad, atol=1e-5, rtol=1e-4,
+                                   msg=name)
 
 
 def main():
     global CP, CP_RANK, CP_GROUP, SELF_GROUP
-    dist.init_process_group("gloo")
-    world = dist.get_world_size()
-    parallel_state.initialize_model_parallel(context_parallel_size=world)
+    world = int(os.environ["WORLD_SIZE"])
+    cp_job = parse_job(GPT_FLAGS + ["--context-parallel-size", str(world)], world_size=world)
+    initialize_megatron(cp_job)  # gloo group of all ranks, CP = world, seeds
     CP_GROUP = parallel_state.get_context_parallel_group()
     CP, CP_RANK = dist.get_world_size(CP_GROUP), dist.get_rank(CP_GROUP)
     SELF_GROUP = None
@@ -170,7 +180,7 @@ def main():
     check_ring(2, 1, False, via_module=True)
     check_ring(4, 2, True, dtype=torch.bfloat16)
     check_split_roundtrip()
-    check_gpt()
+    check_gpt(cp_job)
     dist.barrier()
     if dist.get_rank() == 0:
         print("RING_OK", flush=True)

@@ -1,0 +1,157 @@
+"""Training and validation data of the loop: datasets, the forward step and the loss.
+
+Main API: :class:`TrainData` (``next_step(state)``, ``reduce_loss``), :class:`Validator`
+(``due(state)``, ``run(model)``), :func:`forward_step` and :func:`loss_func`.
+
+The sample stream is a pure function of the train state: step k reads the global batch of
+consecutive indices that starts at ``state.consumed_samples`` (``GlobalBatchSampler``), so no
+sample is skipped or repeated when the global batch grows, and resuming needs nothing but the
+state. The checkpoint keeps the train dataset's length to refuse a resume onto a dataset of
+another size (another sample order).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from megatron.core import parallel_state as ps
+
+from megatron_ext.data import GlobalBatchSampler, build_gpt_datasets, build_tokenizer, collate_micro_batch
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of masked per-token losses and the token count (megatron's per-token-loss form):
+    the schedule and ``finalize_model_grads`` divide by the global token count, which is the
+    exact mean over the global batch, also under context parallelism."""
+    losses = output_tensor.float().reshape(-1)  # [b * s]
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    """megatron-core's forward step of a GPT micro-batch: per-token losses of the model,
+    reduced by :func:`loss_func`."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def _global_mean(total: torch.Tensor) -> float:
+    """Per-token mean from this rank's ``[loss sum, token count]``, summed over DP x CP."""
+    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def _describe_source(cfg, tokenizer) -> str:
+    if cfg.data_path:
+        return f"--data-path {' '.join(cfg.data_path)} ({tokenizer!r})"
+    if cfg.mock_data:
+        return "mock data"
+    return (f"default corpus ({cfg.default_corpus_mb:g} MB of Python stdlib sources, "
+            "byte tokenizer)")
+
+
+class TrainData:
+    """Datasets, the sampler and the per-micro-batch forward step of one job."""
+
+    def __init__(self, job, device: str):
+        cfg, t = job.data, job.training
+        self.device = device
+        self.seq_length = job.model.seq_length
+        self.cp_size = job.cp
+        self.local_seq_length = self.seq_length // self.cp_size
+        tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_size)
+        self.vocab_size = tokenizer.vocab_size
+        # Enough samples for the longest run the flags allow (the batch may grow to its max).
+        max_batch = max(t.global_batch_size, job.batch_growth.batch_growth_max or 0)
+        train_samples = t.train_samples or t.train_iters * max_batch
+        evals = (t.train_iters // cfg.eval_interval + 1) if cfg.eval_iters else 0
+        valid_samples = cfg.eval_iters * t.global_batch_size * evals
+        self.train_ds, self.valid_ds, _ = build_gpt_datasets(
+            cfg, self.seq_length, t.seed, train_samples, valid_samples, 0)
+        # All CP ranks of a DP rank read the same samples, then keep their sequence chunks.
+        self.sampler = GlobalBatchSampler(len(self.train_ds), ps.get_data_parallel_rank(),
+                                          ps.get_data_parallel_world_size())
+        self.description = (f"{_describe_source(cfg, tokenizer)}; {len(self.train_ds)} train "
+                            f"samples of {self.seq_length} tokens")
+
+    def _prepare(self, dataset, indices: List[int]) -> Dict[str, torch.Tensor]:
+        batch = collate_micro_batch(dataset, indices)  # [b, s] each
+        if self.cp_size > 1:
+            from megatron_ext.model.ring_attention import split_batch_for_context_parallel
+
+            batch = split_batch_for_context_parallel(
+                batch, ps.get_context_parallel_rank(), self.cp_size)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def micro_batches(self, dataset, sampler, consumed: int, global_batch: int, micro: int):
+        return [self._prepare(dataset, idx)
+                for idx in sampler.micro_batches(consumed, global_batch, micro)]
+
+    def next_step(self, state) -> List[Dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the step that starts at ``state.consumed_samples``."""
+        return self.micro_batches(self.train_ds, self.sampler, state.consumed_samples,
+                                  state.global_batch_size, state.micro_batch_size)
+
+    forward_step = staticmethod(forward_step)
+
+    def reduce_loss(self, losses: List[Dict[str, torch.Tensor]]) -> Optional[float]:
+        """Mean per-token loss of the global batch on the last stage; None elsewhere."""
+        if not ps.is_pipeline_last_stage() or not losses:
+            return None
+        return _global_mean(torch.stack([x["lm loss"] for x in losses]).sum(0))
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"total_samples": len(self.train_ds)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if int(state["total_samples"]) != len(self.train_ds):
+            from megatron_ext.training.checkpointing import CheckpointMismatch
+
+            raise CheckpointMismatch(
+                f"--load: the checkpoint's sample stream addressed {state['total_samples']} samples but "
+                f"the dataset now has {len(self.train_ds)}; rebuild it with the same size (same "
+                "--train-samples/--train-iters/--seq-length/--data-path/--split/--seed)")
+
+
+class Validator:
+    """``--eval-iters`` global batches of the validation split every ``--eval-interval`` steps."""
+
+    def __init__(self, job, data: TrainData, forward_backward):
+        cfg = job.data
+        self.data, self.forward_backward = data, forward_backward
+        self.iters, self.interval = cfg.eval_iters, cfg.eval_interval
+        self.global_batch, self.micro = job.training.global_batch_size, job.training.micro_batch_size
+        self.enabled = data.valid_ds is not None and self.iters > 0
+        if self.enabled:
+            self.sampler = GlobalBatchSampler(len(data.valid_ds), ps.get_data_parallel_rank(),
+                                              ps.get_data_parallel_world_size())
+
+    def due(self, state) -> bool:
+        return self.enabled and state.iteration % self.interval == 0
+
+    @torch.no_grad()
+    def run(self, model) -> Optional[float]:
+        """Mean loss over the first ``--eval-iters`` global batches of the validation split."""
+        model.eval()
+        totals = []
+        for i in range(self.iters):
+            micro = self.data.micro_batches(self.data.valid_ds, self.sampler, i * self.global_batch,
+                                            self.global_batch, self.micro)
+            out = self.forward_backward(
+                forward_step_func=self.data.forward_step, data_iterator=iter(micro),
+                model=[model], num_microbatches=len(micro),
+                seq_length=self.data.local_seq_length, micro_batch_size=self.micro,
+                forward_only=True)
+            if ps.is_pipeline_last_stage():
+                totals.append(torch.stack([x["lm loss"] for x in out]).sum(0))
+        model.train()
+        return _global_mean(torch.stack(totals).sum(0)) if totals else None
+
+
+__all__ = ["TrainData", "Validator", "forward_step", "loss_func"]

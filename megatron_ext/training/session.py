@@ -1,0 +1,155 @@
+"""Everything a training run is made of, built once from its :class:`JobConfig`.
+
+Main API: :func:`setup` -> :class:`Run`, and :func:`run_step` (one optimizer step).
+
+Order matters and is Megatron's: process groups and seeds; data (it fixes the vocabulary);
+components (GNS must exist before the model, whose layer spec carries its recorder); the
+model and DDP; the optimizer and the LR schedule; the resume; megatron-core's micro-batch
+calculator configured from the train state.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from megatron_ext.training.hooks import Component, call_hooks
+
+
+@dataclass
+class StepResult:
+    losses: list
+    grad_norm: Optional[float]
+    update_ok: bool
+    seconds: float
+    """Forward/backward + optimizer wall time (synchronised on CUDA)."""
+
+
+@dataclass
+class Run:
+    """The pieces of one run; ``state`` is the only owner of progress and batch shape."""
+
+    job: object
+    device: str
+    state: object
+    data: object
+    gpt: torch.nn.Module
+    model: torch.nn.Module
+    optimizer: object
+    lr_schedule: object
+    checkpointer: object
+    stop: object
+    validator: object
+    log: object
+    timers: object
+    forward_backward: object
+    flops_per_sample: float
+    is_log_rank: bool
+    gns: Optional[Component] = None
+    batch_growth: Optional[Component] = None
+    components: List[Component] = field(default_factory=list)
+
+    def lr_factor(self) -> float:
+        return self.batch_growth.lr_factor(self.state) if self.batch_growth else 1.0
+
+
+def _is_log_rank() -> bool:
+    from megatron.core import parallel_state as ps
+
+    return (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_data_parallel_rank(with_context_parallel=True) == 0)
+
+
+def setup(job) -> Run:
+    """Build the run of ``job`` on this rank (collective: every rank calls it)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.timers import Timers
+
+    from megatron_ext.training import checkpointing
+    from megatron_ext.training.checkpointer import Checkpointer
+    from megatron_ext.training.components import build_components
+    from megatron_ext.training.data import TrainData, Validator
+    from megatron_ext.training.initialize import initialize_megatron
+    from megatron_ext.training.lr_schedule import LRSchedule
+    from megatron_ext.training.metrics import MetricsLogger
+    from megatron_ext.training.model import build_gpt, build_optimizer
+    from megatron_ext.training.state import TrainState, sync_microbatch_calculator
+    from megatron_ext.training.stopping import StopConditions
+
+    device = initialize_megatron(job)
+    t = job.training
+    state = TrainState(job.model.seq_length, t.global_batch_size, t.micro_batch_size,
+                       job.data_parallel_size)
+    log = MetricsLogger(_is_log_rank(), job.logging.tensorboard_dir, job.logging.log_json)
+    data = TrainData(job, device)
+    shape = job.model_shape(data.vocab_size)
+    gns, growth = build_components(job, shape, log)
+    built = build_gpt(job, shape.padded_vocab(job.tp), gns.model_options() if gns else None)
+    gpt, model = built.gpt, built.ddp
+    if gns:
+        gns.attach([model], built.config)
+    optimizer = build_optimizer(job, built.config, model)
+    forward_backward = get_forward_backward_func()
+    run = Run(job=job, device=device, state=state, data=data, gpt=gpt, model=model,
+              optimizer=optimizer, lr_schedule=LRSchedule(job.schedule, job.optimizer, optimizer),
+              checkpointer=Checkpointer(job.checkpoint, checkpointing.model_signature(
+                  job.model, shape.padded_vocab(job.tp)), log),
+              stop=StopConditions(t, device), validator=Validator(job, data, forward_backward),
+              log=log, timers=Timers(log_level=1, log_option="max"),
+              forward_backward=forward_backward, flops_per_sample=shape.flops_per_sample(job.tp),
+              is_log_rank=log.enabled, gns=gns, batch_growth=growth,
+              components=[c for c in (gns, growth) if c is not None])
+    if job.checkpoint.load:
+        run.checkpointer.resume(state, run, keep_batch=growth is None)
+    sync_microbatch_calculator(state)
+    _announce(run, built.attention, shape)
+    return run
+
+
+def _announce(run: Run, attention_desc: str, shape) -> None:
+    from megatron_ext.training.initialize import optimizer_impl
+
+    job = run.job
+    parts = [c.describe() for c in run.components] + [run.lr_schedule.describe()]
+    run.log.announce(
+        f"megatron_ext: {run.device.upper()} ({torch.distributed.get_backend()}), world "
+        f"{job.world_size} = TP {job.tp} x PP {job.pp} x CP {job.cp} x DP "
+        f"{job.data_parallel_size}; core attention: {attention_desc}; optimizer: "
+        f"{optimizer_impl(run.optimizer)}; parameters on rank 0: "
+        f"{sum(p.numel() for p in run.gpt.parameters()) / 1e6:.2f} M; " + "; ".join(parts))
+    run.log.announce(f"data: {run.data.description}; vocab {run.data.vocab_size} padded to "
+                     f"{shape.padded_vocab(job.tp)}")
+
+
+def run_step(run: Run, micro_batches: list) -> StepResult:
+    """Forward/backward over this rank's micro-batches, then the optimizer step.
+
+    Components see the gradients between the two (``after_backward``: reduced over DP,
+    not yet clipped), which is where the GNS measurement reads them.
+    """
+    state, timers = run.state, run.timers
+    run.model.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    t0 = time.perf_counter()
+    timers("forward-backward", log_level=1).start()
+    losses = run.forward_backward(
+        forward_step_func=run.data.forward_step, data_iterator=iter(micro_batches),
+        model=[run.model], num_microbatches=len(micro_batches),
+        seq_length=run.data.local_seq_length, micro_batch_size=state.micro_batch_size,
+        forward_only=False)
+    timers("forward-backward").stop()
+    timers("gns", log_level=1).start()
+    call_hooks(run.components, "after_backward", state)
+    timers("gns").stop()
+    timers("optimizer", log_level=1).start()
+    update_ok, grad_norm, _ = run.optimizer.step()
+    timers("optimizer").stop()
+    if run.device == "cuda":
+        torch.cuda.synchronize()
+    return StepResult(losses, None if grad_norm is None else float(grad_norm), bool(update_ok),
+                      time.perf_counter() - t0)
+
+
+__all__ = ["Run", "StepResult", "run_step", "setup"]
