@@ -58,10 +58,31 @@ def test_factor_and_weight_decay_per_group():
     lr = _at(s, 600, factor=2.0)
     assert lr == pytest.approx(2 * (3e-4 + 3e-5) / 2)
     assert all(g["lr"] == lr for g in opt.param_groups)
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.1]
+    # Megatron-LM: no weight decay on biases and norm parameters (wd_mult 0)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
 
 
 def test_cosine_matches_the_closed_form():
     s, _ = _schedule(warmup=0, decay=1000, min_lr=0.0)
     for n in (1, 123, 999):
         assert _at(s, n) == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * n / 1000)))
+
+
+def test_real_optimizer_decays_matrices_only():
+    """On megatron-core's own param groups: biases and norm weights get no weight decay."""
+    from gpt_helpers import build, one_rank_megatron
+
+    from megatron_ext.training.job import parse_job
+    from megatron_ext.training.model import build_optimizer
+
+    job = parse_job(["--num-layers", "1", "--hidden-size", "32", "--weight-decay", "0.1"],
+                    world_size=1)
+    with one_rank_megatron(job):
+        built = build(job, 257)
+        optimizer = build_optimizer(job, built.config, built.ddp)
+        schedule = LRSchedule(job.schedule, job.optimizer, optimizer)
+        schedule.apply(TrainState(128, 2, 2, 1))
+        decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+        for name, p in built.gpt.named_parameters():
+            expected = 0.0 if p.dim() == 1 or name.endswith(".bias") else 0.1
+            assert decay[id(p)] == expected, name

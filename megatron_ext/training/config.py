@@ -201,7 +201,7 @@ class OptimizerSettings(FlagConfig):
     optimizer: str = field(default="adam", metadata=_choices("adam", "sgd"))
     """Adam (decoupled weight decay) or SGD with momentum."""
     weight_decay: float = 0.01
-    """Weight decay of the parameters."""
+    """Weight decay of matrices (biases and norm parameters get none, as in Megatron-LM)."""
     adam_beta1: float = 0.9
     """Adam beta1."""
     adam_beta2: float = 0.95

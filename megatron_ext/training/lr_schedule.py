@@ -9,8 +9,7 @@ in samples of a fixed --seq-length are counted in tokens). Here the scheduler's 
 not kept on its own: :meth:`LRSchedule.apply` steps it by the samples consumed since its last
 call, read from the :class:`~megatron_ext.training.state.TrainState`, so after a resume it is
 where the state says without being checkpointed. The scheduler also sets each parameter
-group's weight decay from ``wd_mult``; :meth:`LRSchedule.apply` puts --weight-decay back on
-every group, so all parameters keep being decayed as before this schedule was adopted.
+group's weight decay (``wd_mult`` 0 for biases and norm parameters, as in Megatron-LM).
 
 ``factor`` is the batch-growth LR scaling (``--lr-scaling``) of the current batch; it
 multiplies the scheduled LR of every group.
@@ -38,7 +37,6 @@ class LRSchedule:
             end_wd=optimizer_cfg.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
             use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
         self.optimizer = optimizer
-        self.weight_decay = optimizer_cfg.weight_decay
 
     def apply(self, state, factor: float = 1.0) -> float:
         """Set every group's LR and weight decay for the step about to run (at
@@ -47,7 +45,6 @@ class LRSchedule:
         groups = self.optimizer.param_groups
         for group in groups:
             group["lr"] *= factor * group.get("lr_mult", 1.0)
-            group["weight_decay"] = self.weight_decay
         # megatron-core marks the groups that follow the default schedule ("default_config")
         return next((g["lr"] for g in groups if g.get("default_config")), groups[0]["lr"])
 
