@@ -8,7 +8,8 @@ Main API: :class:`FlagConfig` (mixin of a config dataclass: ``add_args(parser)``
 Field ``foo_bar`` becomes flag ``--foo-bar``; the type comes from the annotation (``bool``
 fields are ``store_true`` switches, ``Optional[X]`` takes an ``X``, ``List[X]`` takes one
 or more), the default from the field. ``field(metadata={"argparse": {...}})`` adds or
-overrides argparse keywords (``choices``, ``nargs``, ``metavar``). Because flags are
+overrides argparse keywords (``choices``, ``nargs``, ``metavar``, and ``aliases``: more
+spellings of the same flag). Because flags are
 generated from fields, the two cannot drift apart, and the docstring a reader sees in the
 dataclass is the text ``--help`` prints.
 
@@ -100,9 +101,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls: Type, title: str,
         kw = _argparse_kwargs(f, hints[f.name])
         kw["help"] = _help(docs.get(f.name, ""))
         kw.update(f.metadata.get("argparse", {}))
+        aliases = kw.pop("aliases", [])  # e.g. Megatron-LM's own spelling of the flag
         if kw.get("action") == "store_true":
             kw.pop("type", None)
-        group.add_argument(flag_name(f.name), dest=f.name, **kw)
+        group.add_argument(flag_name(f.name), *aliases, dest=f.name, **kw)
     return group
 
 

@@ -6,6 +6,7 @@ import argparse
 import gc
 import json
 import os
+import struct
 import sys
 import threading
 
@@ -334,40 +335,118 @@ def test_vocab_check_reads_first_million_tokens(tmp_path, monkeypatch):
 
 
 def _bad_files(tmp_path):
-    """(name, .idx bytes, .bin bytes, file the error must name) of broken indexed datasets."""
-    good = str(tmp_path / "good")
+    """(name, .idx bytes, .bin bytes, file the message starts with, words it must hold) of
+    damaged or mismatched indexed datasets; good.idx: 2 uint16 sequences [1, 2, 3], [4, 5]."""
+    good, other = str(tmp_path / "good"), str(tmp_path / "other")
     write_pretokenized(good, [[1, 2, 3], [4, 5]])
-    with open(good + ".idx", "rb") as f:
-        idx = f.read()
-    with open(good + ".bin", "rb") as f:
-        data = f.read()
-    return [("garbage", b"not an index at all", data, ".idx"), ("empty", b"", data, ".idx"),
-            ("header_only", idx[:20], data, ".idx"), ("truncated_idx", idx[:-8], data, ".idx"),
-            ("bad_dtype", idx[:17] + b"\x63" + idx[18:], data, ".idx"),
-            ("truncated_bin", idx, data[:4], ".bin")]
+    write_pretokenized(other, [[1, 2], [3, 4, 5, 6]])  # same dtype and count, other lengths
+    idx, data = _read(good + ".idx"), _read(good + ".bin")
+    # Layout: 34-byte header (dtype code at byte 17), lengths @34, pointers @42, documents @58.
+    mismatch = "is truncated or has extra bytes, or the .idx belongs to another dataset or dtype"
+    return [
+        ("empty_both", b"", b"", ".idx", "is empty"),
+        ("empty_idx", b"", data, ".idx", "is empty"),
+        ("empty_bin", idx, b"", ".bin", f"is 0 bytes but {tmp_path}/empty_bin.idx describes 10"),
+        ("garbage", b"not an index at all", data, ".idx", "only 19 bytes"),
+        ("no_magic", b"x" * 82, data, ".idx", "is not a Megatron index"),
+        ("header_only", idx[:20], data, ".idx", "shorter than a Megatron index header"),
+        ("version", idx[:9] + struct.pack("<Q", 2) + idx[17:], data, ".idx", "index version 2"),
+        ("truncated_idx", idx[:-8], data, ".idx", "is 74 bytes but its header describes 82"),
+        ("idx_extra_bytes", idx + b"\0" * 8, data, ".idx", "truncated or has extra bytes"),
+        ("unknown_dtype", idx[:17] + b"\x63" + idx[18:], data, ".idx", "unknown dtype code 99"),
+        ("other_dtype", idx[:17] + b"\x04" + idx[18:], data, ".bin", "(5 int32 tokens"),
+        ("other_dataset", _read(other + ".idx"), data, ".bin", "describes 12 (6 uint16"),
+        ("truncated_bin", idx, data[:4], ".bin", mismatch),
+        ("bin_extra_bytes", idx, data + b"\0\0", ".bin", mismatch),
+        ("bad_pointer", idx[:50] + struct.pack("<q", 0) + idx[58:], data, ".idx",
+         "sequence pointers that do not match"),
+        ("bad_documents", idx[:74] + struct.pack("<q", 1), data, ".idx",
+         "document indices that do not run from 0 up to its 2 sequences"),
+        ("negative_length", idx[:34] + struct.pack("<ii", 7, -2) + idx[42:], data, ".idx",
+         "negative sequence length"),
+    ]
 
 
-def _assert_one_clear_line(check, prefix, culprit):
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write_pair(prefix, idx, data):
+    for suffix, content in ((".idx", idx), (".bin", data)):
+        with open(prefix + suffix, "wb") as f:
+            f.write(content)
+
+
+def _assert_one_clear_line(check, prefix, culprit, needle):
     with pytest.raises(ValueError) as err:
         check()
     msg = str(err.value)
     assert msg.startswith(f"--data-path {prefix}: {prefix}{culprit} ") and "\n" not in msg
-    assert "tools/preprocess_data.py" in msg
+    assert needle in msg and "tools/preprocess_data.py" in msg
 
 
 def test_bad_index_files_give_one_clear_line(tmp_path, monkeypatch):
     unraisable = []  # megatron's __del__ on a half-built IndexedDataset would land here
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-    for name, idx, data, culprit in _bad_files(tmp_path):
+    for name, idx, data, culprit, needle in _bad_files(tmp_path):
         prefix = str(tmp_path / name)
-        with open(prefix + ".idx", "wb") as f:
-            f.write(idx)
-        with open(prefix + ".bin", "wb") as f:
-            f.write(data)
-        _assert_one_clear_line(lambda: DataConfig(data_path=[prefix]), prefix, culprit)
-        _assert_one_clear_line(lambda: num_sequences(prefix), prefix, culprit)
+        _write_pair(prefix, idx, data)
+        _assert_one_clear_line(lambda: DataConfig(data_path=[prefix]), prefix, culprit, needle)
+        _assert_one_clear_line(lambda: num_sequences(prefix), prefix, culprit, needle)
+        _assert_one_clear_line(lambda: max_token_id(prefix), prefix, culprit, needle)
     gc.collect()
     assert not unraisable, [str(u.exc_value) for u in unraisable]
+
+
+def test_every_shard_of_a_blend_is_checked(tmp_path):
+    """The vocabulary check samples ~32 shards; the integrity check must see all of them."""
+    prefixes = []
+    for i in range(200):
+        prefixes.append(str(tmp_path / f"shard{i:03d}"))
+        write_pretokenized(prefixes[-1], [[i % 250] * (3 + i % 7), [7, 8]])
+    DataConfig(data_path=prefixes)
+    DataConfig(data_path=[x for p in prefixes for x in ("0.5", p)])
+    bad = prefixes[151]  # not among the vocabulary check's samples (every 6th)
+    with open(bad + ".bin", "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(ValueError, match=f"^--data-path {bad}: {bad}.bin is 20 bytes but"):
+        DataConfig(data_path=prefixes)
+
+
+def test_index_checks_accept_what_megatron_writes(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_ext.data.indexed import check_indexed_dataset
+
+    write_pretokenized(str(tmp_path / "empty"), [])  # no documents: consistent, 0 tokens
+    info = check_indexed_dataset(str(tmp_path / "empty"))
+    assert (info.sequences, info.tokens) == (0, 0)
+    write_pretokenized(str(tmp_path / "wide"), [[70000, 1], [2]], dtype=numpy.int32)
+    info = check_indexed_dataset(str(tmp_path / "wide"))
+    assert (info.dtype, info.sequences, info.tokens) == (numpy.int32, 2, 3)
+    assert max_token_id(str(tmp_path / "wide")) == 70000
+    # multimodal indices carry one mode byte per sequence after the document indices
+    builder = IndexedDatasetBuilder(str(tmp_path / "mm.bin"), numpy.uint16, multimodal=True)
+    builder.add_document(numpy.array([1, 2, 3]), [3], modes=[0])
+    builder.finalize(str(tmp_path / "mm.idx"))
+    assert check_indexed_dataset(str(tmp_path / "mm")).tokens == 3
+
+
+def test_unreadable_index_gives_one_clear_line(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "locked")
+    write_pretokenized(prefix, [[1, 2]])
+    real_open = open
+
+    def deny(path, *args, **kwargs):  # chmod does not stop root, so refuse the open itself
+        if str(path) == prefix + ".idx":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", deny)
+    with pytest.raises(ValueError, match=f"^--data-path {prefix}: cannot read {prefix}.idx "
+                                         r"\(Permission denied\); rebuild"):
+        DataConfig(data_path=[prefix])
 
 
 # ---------------------------------------------------------------- pre-tokenized data

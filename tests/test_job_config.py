@@ -34,6 +34,18 @@ from megatron_ext.training.job import SECTIONS, JobConfig, build_parser, check_m
         (["--lr-scaling", "sqrt"], 1, "--batch-growth"),
         (["--batch-growth", "ramp", "--batch-growth-max", "12", "--rampup-batch-size", "4", "5",
           "24"], 1, "--rampup-batch-size"),
+        # flags that used to pass silently, crash, or name the wrong flag
+        (["--train-iters", "20", "--train-samples", "200"], 1, "--train-samples"),
+        (["--clip-grad", "-1"], 1, "--clip-grad"),
+        (["--exit-interval", "-1"], 1, "--exit-interval"),
+        (["--global-batch-size", "0"], 1, "--global-batch-size"),
+        (["--global-batch-size", "-4"], 1, "--global-batch-size"),
+        (["--lr", "0"], 1, "--lr"),
+        (["--lr", "-1"], 1, "--lr"),
+        (["--weight-decay", "-5"], 1, "--weight-decay"),
+        (["--adam-beta1", "1.5"], 1, "--adam-beta1"),
+        (["--exit-duration-in-mins", "0"], 1, "--exit-duration-in-mins"),
+        (["--keep-last", "0", "--save", "x"], 1, "--keep-last"),
     ],
 )
 def test_bad_flags_name_the_flag(argv, world, flag):
@@ -74,9 +86,11 @@ def test_every_flag_is_exactly_one_field():
     fields = [f.name for _, cls in SECTIONS for f in dataclasses.fields(cls) if f.init]
     assert len(fields) == len(set(fields)), "a field name is used by two sections"
     assert sorted(dests) == sorted(fields)
-    for action in parser._actions:  # --foo-bar <-> foo_bar
+    for action in parser._actions:  # --foo-bar <-> foo_bar (plus Megatron-LM's spellings)
         if action.dest != "help":
-            assert action.option_strings == ["--" + action.dest.replace("_", "-")]
+            assert action.option_strings[0] == "--" + action.dest.replace("_", "-")
+            for alias in action.option_strings[1:]:
+                assert alias.lstrip("-").replace("-", "_") == action.dest
 
 
 def test_namespace_is_not_written_back():

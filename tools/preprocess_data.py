@@ -2,7 +2,9 @@
 """Tokenize text/JSONL files into a Megatron indexed dataset; see megatron_ext/data/preprocess.py.
 
 Example: python tools/preprocess_data.py --input data/*.jsonl --output-prefix data/my_corpus
-then train with --data-path data/my_corpus.
+then train with --data-path data/my_corpus. Input that is not UTF-8 stops the run (the file and
+byte offset are named) unless --errors replace; Ctrl-C/SIGTERM remove the partial output and
+exit 130/143.
 """
 import os
 import sys

@@ -11,7 +11,7 @@ unless asked, since the model's causal attention builds its own mask and an [s, 
 sample is wasteful at long context.
 
 ``--data-path`` is parsed by megatron-core's ``get_blend_from_list`` (:func:`parse_blend`) and
-checked at startup through megatron's ``IndexedDataset`` (:mod:`megatron_ext.data.indexed`).
+checked at startup, every prefix's ``.idx`` against its ``.bin`` (:mod:`megatron_ext.data.indexed`).
 This module imports no Megatron until a ``--data-path`` is checked or datasets are built.
 """
 from __future__ import annotations
@@ -63,15 +63,19 @@ def _is_number(text: str) -> bool:
 
 
 def check_data_path(data_path: List[str], vocab_size: int, tokenizer_type: str) -> None:
-    """Startup checks of ``--data-path``: blend syntax, every prefix's files, and that the first
-    1M token ids of at most ~64 of its files (spread over the blend) are < ``vocab_size``."""
-    from megatron_ext.data.indexed import check_prefix, max_token_id
+    """Startup checks of ``--data-path``: blend syntax; that every prefix's ``.idx`` is sane and
+    describes exactly its ``.bin`` (:func:`~megatron_ext.data.indexed.check_indexed_dataset`);
+    and that the first 1M token ids of at most ~64 of its files (spread over the blend) are
+    < ``vocab_size``."""
+    from megatron_ext.data.indexed import check_indexed_dataset, max_token_id
 
     prefixes = parse_blend(data_path)[0]
-    for prefix in prefixes:
-        check_prefix(prefix)
-    # Opening an index is a few page reads (mmap) and the token read is capped, so this stays
-    # cheap at startup even for blends of thousands of shards.
+    # Header + mmap'd length array per prefix (no .bin read), so even blends of thousands of
+    # shards are all checked: a damaged one would otherwise crash or train on wrong tokens
+    # mid-run. A prefix repeated in the blend is checked once.
+    for prefix in dict.fromkeys(prefixes):
+        check_indexed_dataset(prefix)
+    # The token read is capped, so this stays cheap at startup too.
     for prefix in prefixes[::max(1, len(prefixes) // 32)]:
         top = max_token_id(prefix)
         if top >= vocab_size:

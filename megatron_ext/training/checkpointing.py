@@ -1,14 +1,16 @@
 """Save and resume training state with megatron-core ``dist_checkpointing``.
 
-Main API: :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`latest_iteration`,
-:func:`model_signature`, :data:`FORMAT_VERSION` (what :class:`Checkpointer` in
-``checkpointer.py`` puts into a checkpoint besides the shards).
+Main API: :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`peek_loop_state`,
+:func:`start_checkpoint_writer`, :func:`model_signature`, :data:`FORMAT_VERSION` (what
+:class:`Checkpointer` in ``checkpointer.py`` puts into a checkpoint besides the shards).
+Which checkpoints exist and are complete is ``checkpoint_dir.py``'s business.
 
 Layout of ``--save DIR``::
 
     DIR/iter_0000040/                  dist_checkpointing directory (model + optimizer shards,
                                        common.pt with the loop's replicated state)
     DIR/iter_0000040/rank_00003.pt     this rank's RNG states (differ per TP/PP rank)
+    DIR/iter_0000040/manifest.json     every file's size, written last (completeness)
     DIR/latest_checkpointed_iteration.txt
 
 A checkpoint saved under one TP/PP/DP layout resumes under another (megatron-core reshards
@@ -16,9 +18,10 @@ the model and optimizer); only the dropout RNG streams then restart. The model-s
 saved too (:func:`model_signature`): resuming with different ones fails before any shard is
 read, naming each flag (:class:`CheckpointMismatch`).
 
-A checkpoint is written to ``iter_N.tmp`` and renamed when every rank has finished, and the
-"latest" file is replaced atomically afterwards, so a crash while saving never leaves a
-half-written checkpoint behind as the one to resume from.
+A checkpoint is written to ``iter_N.tmp``, gets its manifest when every rank has finished,
+and is renamed; a save that fails on any rank (a full disk) is removed on every rank and
+raises :class:`SaveFailed`, so a crash while saving never leaves a half-written checkpoint
+behind as the one to resume from.
 
 The loop's state (``common.pt``'s ``loop`` entry) carries ``format_version``. Version 1
 (written before the train state owned the progress: no version key) is upgraded on load, so
@@ -31,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 from typing import Any, Dict, Optional
 
 import torch
@@ -39,9 +43,10 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-logger = logging.getLogger(__name__)
+from megatron_ext.training.checkpoint_dir import CheckpointDir
+from megatron_ext.training.errors import CheckpointMismatch, JobError
 
-LATEST_FILE = "latest_checkpointed_iteration.txt"
+logger = logging.getLogger(__name__)
 
 # Flags that fix the parameters' shapes: saved with every checkpoint and compared on --load,
 # so a mismatch is named flag by flag instead of as a tensor-shape error from the loader.
@@ -57,8 +62,8 @@ MODEL_SHAPE_FLAGS = (
 FORMAT_VERSION = 2
 
 
-class CheckpointMismatch(ValueError):
-    """The checkpoint under --load does not fit this run (model, optimizer or format)."""
+class SaveFailed(JobError):
+    """A checkpoint could not be written on some rank (nothing of it is left behind)."""
 
 
 def model_signature(model_config, padded_vocab_size: int) -> Dict[str, Any]:
@@ -69,6 +74,27 @@ def model_signature(model_config, padded_vocab_size: int) -> Dict[str, Any]:
     if sig.get("position_embedding_type") != "learned_absolute":
         sig.pop("max_position_embeddings")  # only learned positions have a table
     return sig
+
+
+def padded_vocab_to_use(saved: Dict[str, Any], shape, tp: int, log) -> int:
+    """The padded vocabulary of the model to build: the checkpoint's when resuming under
+    another TP size (its rows are the trained ones; Megatron pads to a multiple of
+    --make-vocab-size-divisible-by x TP, so TP 1 -> 2 would otherwise change it), as long as
+    the new TP splits it evenly."""
+    mine = shape.padded_vocab(tp)
+    theirs = (saved.get("model") or {}).get("padded_vocab_size")
+    if not theirs or theirs == mine:
+        return mine
+    if theirs % tp or theirs < shape.vocab_size:
+        raise CheckpointMismatch(
+            f"--load: the checkpoint's padded vocabulary {theirs} cannot be split over "
+            f"--tensor-model-parallel-size {tp} (--make-vocab-size-divisible-by "
+            f"{shape.make_vocab_size_divisible_by} x TP {tp} would pad to {mine}): resume with "
+            f"a TP size that divides {theirs}")
+    log.announce(f"keeping the checkpoint's padded vocabulary {theirs} (TP {tp} with "
+                 f"--make-vocab-size-divisible-by {shape.make_vocab_size_divisible_by} "
+                 f"would pad to {mine})")
+    return theirs
 
 
 def _check_model_signature(ckpt_dir: str, saved: Optional[Dict[str, Any]],
@@ -121,16 +147,31 @@ def upgrade_loop_state(loop: Dict[str, Any], where: str) -> Dict[str, Any]:
     }
 
 
-def _iter_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
+def start_checkpoint_writer() -> None:
+    """Start megatron-core's checkpoint-writer helper now, immune to stop signals.
 
-
-def latest_iteration(root: str) -> Optional[int]:
-    path = os.path.join(root, LATEST_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return int(f.read().strip())
+    megatron-core's filesystem writer keeps one helper process (a spawned multiprocessing
+    manager, created at its first save) for every later save. Schedulers stop a job by
+    signalling each worker's whole process group (torchrun, and so SLURM and Kubernetes
+    through it), which would kill that helper and make the stop-save fail with a
+    BrokenPipeError. A spawned process keeps ignoring the signals its parent ignored, so the
+    helper is created here, before training, with SIGTERM/SIGINT/SIGUSR1 ignored; the worker
+    itself handles them (save at the step boundary, then exit).
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:  # another writer: nothing to protect
+        return
+    create = getattr(filesystem_async, "_get_write_results_queue", None)
+    if create is None:
+        return
+    stop = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in stop}
+    try:
+        create()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -155,57 +196,104 @@ def _sharded_state(model, optimizer, include_optim: bool, is_loading: bool) -> D
     return state
 
 
-def save_checkpoint(
-    root: str,
-    iteration: int,
-    model,
-    optimizer,
-    loop_state: Dict[str, Any],
-    save_optim: bool = True,
-) -> str:
-    """Save model/optimizer shards plus ``loop_state`` (identical on every rank)."""
-    rank = torch.distributed.get_rank()
-    final_dir = _iter_dir(root, iteration)
-    tmp_dir = final_dir + ".tmp"
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        os.makedirs(tmp_dir)
-    torch.distributed.barrier()
+def _all_ranks_ok(ok: bool) -> bool:
+    flag = torch.tensor([int(ok)], dtype=torch.int32,
+                        device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _write_shards(tmp_dir: str, model, optimizer, loop_state, save_optim: bool) -> None:
+    """Every rank: megatron-core's shards (common.pt from rank 0) and this rank's RNG."""
     state = _sharded_state(model, optimizer, save_optim, is_loading=False)
     state["loop"] = loop_state  # non-tensor entries go to common.pt (written by rank 0)
     dist_checkpointing.save(state, tmp_dir)
+    rank = torch.distributed.get_rank()
     torch.save(_rng_state(), os.path.join(tmp_dir, f"rank_{rank:05d}.pt"))
-    torch.distributed.barrier()
-    if rank == 0:
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(tmp_dir, final_dir)
-        tmp_latest = os.path.join(root, LATEST_FILE + ".tmp")
-        with open(tmp_latest, "w") as f:
-            f.write(str(iteration))
-        os.replace(tmp_latest, os.path.join(root, LATEST_FILE))
-    torch.distributed.barrier()
-    return final_dir
 
 
-def load_checkpoint(root: str, model, optimizer, load_optim: bool = True,
+def _publish(cdir: CheckpointDir, tmp_dir: str, iteration: int) -> None:
+    """Rank 0, after every rank wrote: manifest last, then rename, then the marker."""
+    final_dir = cdir.iteration_dir(iteration)
+    cdir.write_manifest(tmp_dir, iteration, torch.distributed.get_world_size())
+    shutil.rmtree(final_dir, ignore_errors=True)
+    os.replace(tmp_dir, final_dir)
+    cdir.mark_latest(iteration)
+
+
+def _failure(e: BaseException) -> str:
+    """The gist of an exception in one line (the innermost message of a wrapped one)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[-300:]
+
+
+def _free_space(root: str) -> str:
+    """", N GiB free there": the usual cause of a failed save, whatever the writer said."""
+    try:
+        return f", {shutil.disk_usage(root).free / 2**30:.2f} GiB free there"
+    except OSError:
+        return ""
+
+
+def _attempt(action) -> Optional[str]:
+    """Run ``action``; what went wrong (a full disk surfaces as OSError, or as torch's
+    CheckpointException, a BaseException, around the writer's error), or None."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        action()
+        return None
+    except (Exception, CheckpointException) as e:
+        return _failure(e)
+
+
+def save_checkpoint(cdir: CheckpointDir, iteration: int, model, optimizer,
+                    loop_state: Dict[str, Any], save_optim: bool = True) -> str:
+    """Save model/optimizer shards plus ``loop_state`` (identical on every rank) as
+    ``iter_N``; collective. Raises :class:`SaveFailed` on every rank if any rank failed."""
+    rank = torch.distributed.get_rank()
+    tmp_dir = cdir.iteration_dir(iteration) + ".tmp"
+
+    def agree(error: Optional[str]) -> None:
+        if _all_ranks_ok(error is None):
+            return
+        if rank == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise SaveFailed(f"saving iteration {iteration} to {cdir.root} failed"
+                         f"{f' ({error})' if error else ' on another rank'}; nothing of it "
+                         f"was kept{_free_space(cdir.root)}")
+
+    def fresh_tmp_dir():
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir)
+
+    agree(_attempt(fresh_tmp_dir) if rank == 0 else None)
+    agree(_attempt(lambda: _write_shards(tmp_dir, model, optimizer, loop_state, save_optim)))
+    agree(_attempt(lambda: _publish(cdir, tmp_dir, iteration)) if rank == 0 else None)
+    return cdir.iteration_dir(iteration)
+
+
+def peek_loop_state(ckpt_dir: str) -> Dict[str, Any]:
+    """The loop state of a checkpoint (current format) without loading any shard."""
+    try:
+        loop = dist_checkpointing.load_common_state_dict(ckpt_dir)["loop"]
+    except Exception as e:  # a damaged common.pt: one line, not megatron's trace
+        raise CheckpointMismatch(f"--load {ckpt_dir}: cannot read its loop state "
+                                 f"({_failure(e)})") from None
+    return upgrade_loop_state(loop, ckpt_dir)
+
+
+def load_checkpoint(ckpt_dir: str, model, optimizer, load_optim: bool = True,
                     signature: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Load the latest checkpoint under ``root`` into model/optimizer; returns the loop state.
+    """Load the checkpoint in ``ckpt_dir`` into model/optimizer; returns the loop state.
 
     ``signature`` (see :func:`model_signature`) is compared with the saved one first and a
     difference raises :class:`CheckpointMismatch` naming the flags.
     """
-    iteration = latest_iteration(root)
-    if iteration is None:
-        raise FileNotFoundError(
-            f"--load {root}: no {LATEST_FILE} there; point --load at a --save directory"
-        )
-    ckpt_dir = _iter_dir(root, iteration)
     rank = torch.distributed.get_rank()
     rank_file = os.path.join(ckpt_dir, f"rank_{rank:05d}.pt")
-    common = upgrade_loop_state(dist_checkpointing.load_common_state_dict(ckpt_dir)["loop"],
-                                ckpt_dir)
-    _check_model_signature(ckpt_dir, common.get("model"), signature)
+    loop_state = peek_loop_state(ckpt_dir)
+    _check_model_signature(ckpt_dir, loop_state.get("model"), signature)
     state = _sharded_state(model, optimizer, load_optim, is_loading=True)
     state["loop"] = None
     try:
@@ -219,7 +307,6 @@ def load_checkpoint(root: str, model, optimizer, load_optim: bool = True,
     model.load_state_dict(loaded["model"])
     if load_optim:
         optimizer.load_state_dict(loaded["optimizer"])
-    loop_state = common  # the replicated loop state, already upgraded
     saved_layout = loop_state.get("parallel_layout")
     if os.path.exists(rank_file) and saved_layout in (None, parallel_layout()):
         _set_rng_state(torch.load(rank_file, weights_only=False))
@@ -229,7 +316,7 @@ def load_checkpoint(root: str, model, optimizer, load_optim: bool = True,
         logger.warning("resuming %s with parallel layout %s (saved: %s): weights and optimizer "
                        "are resharded, dropout RNG streams restart", ckpt_dir,
                        parallel_layout(), saved_layout)
-    logger.info("resumed from %s (iteration %d)", ckpt_dir, iteration)
+    logger.info("resumed from %s", ckpt_dir)
     return loop_state
 
 

@@ -173,22 +173,31 @@ class TrainingConfig(FlagConfig):
     """Samples per micro-batch and data-parallel rank."""
     global_batch_size: Optional[int] = None
     """Samples per optimizer step (default micro x DP); the initial one with batch growth."""
-    train_iters: int = 40
-    """Optimizer steps to train (an upper bound with --train-samples)."""
+    train_iters: Optional[int] = None
+    """Optimizer steps to train (default 40; derived, as an upper bound, from --train-samples)."""
     train_samples: Optional[int] = None
     """Train on this many samples instead (the natural budget when the batch grows)."""
     seed: int = 1234
     """Seed of the weights, data order and dropout."""
+    allow_seed_change: bool = False
+    """Resume with another --seed (the data order changes: a new data phase starts)."""
     bf16: bool = False
     """bf16 mixed precision (CUDA)."""
     fp16: bool = False
     """fp16 mixed precision with a loss scaler (CUDA)."""
     exit_interval: Optional[int] = None
     """Save and stop after the iteration that is a multiple of this."""
+    exit_duration_in_mins: Optional[float] = None
+    """Save and stop before this many minutes of wall time (e.g. below the job's time limit)."""
 
     def __post_init__(self):
         _positive(self, ("micro_batch_size", "global_batch_size", "train_iters", "train_samples",
                          "exit_interval"))
+        require(self.train_iters is None or self.train_samples is None,
+                "--train-iters and --train-samples exclude each other (as in Megatron-LM): "
+                "give one of them")
+        require(self.exit_duration_in_mins is None or self.exit_duration_in_mins > 0,
+                "--exit-duration-in-mins must be > 0")
         require(not (self.bf16 and self.fp16), "--bf16 and --fp16 are exclusive: pick one")
 
 
@@ -216,6 +225,10 @@ class OptimizerSettings(FlagConfig):
     def __post_init__(self):
         require(self.weight_decay >= 0, "--weight-decay must be >= 0")
         require(self.clip_grad >= 0, "--clip-grad must be >= 0 (0 turns clipping off)")
+        for name in ("adam_beta1", "adam_beta2", "sgd_momentum"):
+            require(0 <= getattr(self, name) < 1,
+                    f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        require(self.adam_eps > 0, "--adam-eps must be > 0")
 
 
 @dataclass
@@ -240,6 +253,9 @@ class ScheduleConfig(FlagConfig):
     """Warmup length in samples (default warmup iters x global batch)."""
     lr_decay_samples: Optional[int] = None
     """Decay horizon in samples, counted from the start (default --train-samples, or decay iters x global batch)."""
+    override_opt_param_scheduler: bool = field(default=False, metadata={"argparse": {
+        "aliases": ["--override-opt_param-scheduler"]}})
+    """On resume, use these flags' LR schedule instead of the checkpoint's (Megatron-LM)."""
 
     def __post_init__(self):
         require(self.lr > 0, "--lr must be > 0")
@@ -269,9 +285,13 @@ class CheckpointConfig(FlagConfig):
     """Leave the optimizer state out of saved checkpoints."""
     no_load_optim: bool = False
     """Do not load the optimizer state (fresh Adam moments)."""
+    keep_last: Optional[int] = None
+    """Keep only this many newest complete checkpoints (default: all)."""
+    save_failure: str = field(default="stop", metadata=_choices("stop", "continue"))
+    """When a save fails (e.g. a full disk): stop training, or warn and continue."""
 
     def __post_init__(self):
-        _positive(self, ("save_interval",))
+        _positive(self, ("save_interval", "keep_last"))
         require(self.save_interval is None or self.save is not None,
                 "--save-interval needs --save DIR")
 

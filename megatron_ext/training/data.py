@@ -6,8 +6,8 @@ Main API: :class:`TrainData` (``next_step(state)``, ``reduce_loss``), :class:`Va
 The sample stream is a pure function of the train state: step k reads the global batch of
 consecutive indices that starts at ``state.consumed_samples`` (``GlobalBatchSampler``), so no
 sample is skipped or repeated when the global batch grows, and resuming needs nothing but the
-state. The checkpoint keeps the train dataset's length to refuse a resume onto a dataset of
-another size (another sample order).
+state and the data phase (``data_phases.py``: which dataset, from which sample on), which the
+checkpoint keeps.
 """
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megatron_ext.data import GlobalBatchSampler, build_gpt_datasets, build_tokenizer, collate_micro_batch
+from megatron_ext.training.errors import JobError
+from megatron_ext.training.data_phases import (continue_phases, data_identity, phases_state,
+                                               settle_length)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -57,9 +60,13 @@ def _describe_source(cfg, tokenizer) -> str:
 
 
 class TrainData:
-    """Datasets, the sampler and the per-micro-batch forward step of one job."""
+    """Datasets, the sampler and the per-micro-batch forward step of one job.
 
-    def __init__(self, job, device: str):
+    ``saved``: the data state of the checkpoint the run resumes (``state_dict()``), and
+    ``consumed``: its consumed samples; they decide the data phase (``data_phases.py``).
+    """
+
+    def __init__(self, job, device: str, saved: Optional[dict] = None, consumed: int = 0):
         cfg, t = job.data, job.training
         self.device = device
         self.seq_length = job.model.seq_length
@@ -69,11 +76,26 @@ class TrainData:
         self.vocab_size = tokenizer.vocab_size
         # Enough samples for the longest run the flags allow (the batch may grow to its max).
         max_batch = max(t.global_batch_size, job.batch_growth.batch_growth_max or 0)
-        train_samples = t.train_samples or t.train_iters * max_batch
+        try:
+            self.phases, self.notes = continue_phases(
+                saved, data_identity(job), t.train_samples or t.train_iters * max_batch,
+                consumed, t.allow_seed_change)
+        except ValueError as e:  # a seed change: one line, as for any unfitting checkpoint
+            from megatron_ext.training.errors import CheckpointMismatch
+
+            raise CheckpointMismatch(str(e)) from None
         evals = (t.train_iters // cfg.eval_interval + 1) if cfg.eval_iters else 0
         valid_samples = cfg.eval_iters * t.global_batch_size * evals
-        self.train_ds, self.valid_ds, _ = build_gpt_datasets(
-            cfg, self.seq_length, t.seed, train_samples, valid_samples, 0)
+        try:
+            self.train_ds, self.valid_ds, _ = build_gpt_datasets(
+                cfg, self.seq_length, t.seed, self.phases[-1].samples, valid_samples, 0)
+        except Exception as e:  # megatron-core: "Failed to write dataset materials ..."
+            if "dataset materials" not in str(e):
+                raise
+            cause = " ".join(str(e.__cause__ or e).split())[:200]
+            raise JobError(f"cannot write the dataset's sample-index cache ({cause}): free disk "
+                           "space or point --data-cache-path at a writable directory") from None
+        self.notes += settle_length(self.phases, len(self.train_ds), consumed)
         # All CP ranks of a DP rank read the same samples, then keep their sequence chunks.
         self.sampler = GlobalBatchSampler(len(self.train_ds), ps.get_data_parallel_rank(),
                                           ps.get_data_parallel_world_size())
@@ -94,8 +116,10 @@ class TrainData:
                 for idx in sampler.micro_batches(consumed, global_batch, micro)]
 
     def next_step(self, state) -> List[Dict[str, torch.Tensor]]:
-        """This rank's micro-batches of the step that starts at ``state.consumed_samples``."""
-        return self.micro_batches(self.train_ds, self.sampler, state.consumed_samples,
+        """This rank's micro-batches of the step that starts at ``state.consumed_samples``
+        (position ``consumed_samples - start`` of the current data phase)."""
+        position = state.consumed_samples - self.phases[-1].start
+        return self.micro_batches(self.train_ds, self.sampler, position,
                                   state.global_batch_size, state.micro_batch_size)
 
     forward_step = staticmethod(forward_step)
@@ -107,16 +131,7 @@ class TrainData:
         return _global_mean(torch.stack([x["lm loss"] for x in losses]).sum(0))
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"total_samples": len(self.train_ds)}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if int(state["total_samples"]) != len(self.train_ds):
-            from megatron_ext.training.checkpointing import CheckpointMismatch
-
-            raise CheckpointMismatch(
-                f"--load: the checkpoint's sample stream addressed {state['total_samples']} samples but "
-                f"the dataset now has {len(self.train_ds)}; rebuild it with the same size (same "
-                "--train-samples/--train-iters/--seq-length/--data-path/--split/--seed)")
+        return phases_state(self.phases)
 
 
 class Validator:

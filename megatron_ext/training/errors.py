@@ -15,6 +15,14 @@ from typing import Callable, Optional
 import torch
 
 
+class JobError(RuntimeError):
+    """An expected failure of a run, with a one-line message that says what to do."""
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint under --load does not fit this run (model, optimizer or format)."""
+
+
 class TrainingDiverged(RuntimeError):
     """Non-finite gradients: training stops before the optimizer step touches the weights."""
 
@@ -53,4 +61,5 @@ def step_errors(iteration: int, last_checkpoint: Optional[str], oom_advice: Call
         raise diverged(e, iteration, last_checkpoint) from None
 
 
-__all__ = ["OutOfMemory", "TrainingDiverged", "diverged", "out_of_memory", "step_errors"]
+__all__ = ["CheckpointMismatch", "JobError", "OutOfMemory", "TrainingDiverged", "diverged", "out_of_memory",
+           "step_errors"]

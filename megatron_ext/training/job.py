@@ -135,6 +135,8 @@ class JobConfig:
                     "--train-samples must be at least one --global-batch-size")
             # An upper bound for the progress line: the global batch only grows.
             t.train_iters = -(-t.train_samples // t.global_batch_size)
+        elif t.train_iters is None:
+            t.train_iters = 40
 
     def _resolve_schedule(self) -> None:
         s, t = self.schedule, self.training
@@ -203,7 +205,8 @@ def parse_job(argv: Optional[List[str]] = None, world_size: Optional[int] = None
 def check_machine(job: JobConfig, cuda: Optional[bool] = None) -> None:
     """What the job needs from this machine (not from its flags): CUDA for mixed precision
     and the distributed optimizer, flash-attn for ``--attention-backend flash``, an existing
-    ``--load`` directory. Skipped by ``--plan-memory``, which plans GPU jobs anywhere."""
+    ``--load`` directory (unless it is also ``--save``: a job script's auto-resume). Skipped
+    by ``--plan-memory``, which plans GPU jobs anywhere."""
     if cuda is None:
         import torch
 
@@ -221,8 +224,10 @@ def check_machine(job: JobConfig, cuda: Optional[bool] = None) -> None:
         require(cuda and flash_attn_available(),
                 "--attention-backend flash needs CUDA and `pip install flash-attn`; use "
                 "--attention-backend sdpa (or auto)")
-    load = job.checkpoint.load
-    require(load is None or os.path.isdir(load),
+    load, save = job.checkpoint.load, job.checkpoint.save
+    first_auto_resume = save is not None and load is not None \
+        and os.path.abspath(load) == os.path.abspath(save)  # --save D --load D, first run
+    require(load is None or os.path.isdir(load) or first_auto_resume,
             f"--load {load}: no such directory (a --save directory of an earlier run)")
 
 

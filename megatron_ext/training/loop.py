@@ -43,36 +43,34 @@ def train(job):
     r = setup(job)
     state, timers = r.state, r.timers
     stop_reason = r.stop.before_start(state)
-    if stop_reason:
-        r.log.announce(f"nothing to train at iteration {state.iteration}: {stop_reason}")
+    oom_advice = lambda: out_of_memory_advice(job, job.model_shape(r.data.vocab_size))  # noqa: E731
     last_log = time.perf_counter()
-    while stop_reason is None:
-        sync_microbatch_calculator(state)  # a grown batch takes effect at this boundary
-        timers("data", log_level=1).start()
-        micro_batches = r.data.next_step(state)
-        timers("data").stop()
-        call_hooks(r.components, "on_step_start", state)
-        lr = r.lr_schedule.apply(state, r.lr_factor())
-        oom_advice = lambda: out_of_memory_advice(job, job.model_shape(r.data.vocab_size))  # noqa: E731
-        with step_errors(state.iteration + 1, r.checkpointer.last_path, oom_advice):
-            step = run_step(r, micro_batches)
-        tokens_per_step, global_batch = state.tokens_per_step, state.global_batch_size
-        state.advance()
-        loss = r.data.reduce_loss(step.losses)
-        call_hooks(r.components, "after_step", state, step.seconds)
-        if state.iteration % job.logging.log_interval == 0:
-            now = time.perf_counter()
-            seconds = (now - last_log) / job.logging.log_interval
-            last_log = now
-            r.log.iteration(state.iteration, job.training.train_iters, _step_metrics(
-                r, state, lr, loss, step, seconds, tokens_per_step, global_batch))
-        if r.validator.due(state):
-            r.log.validation(state.iteration, r.validator.run(r.model))
-        stop_reason = r.stop.after_step(state)
-        if r.checkpointer.due(state, stop_reason):
-            r.checkpointer.save(state, r)
-        if stop_reason:
-            r.log.announce(f"exiting after iteration {state.iteration}: {stop_reason}")
+    with r.checkpointer.recording_status(state, r.stop):
+        while stop_reason is None:
+            sync_microbatch_calculator(state)  # a grown batch takes effect at this boundary
+            timers("data", log_level=1).start()
+            micro_batches = r.data.next_step(state)
+            timers("data").stop()
+            call_hooks(r.components, "on_step_start", state)
+            lr = r.lr_schedule.apply(state, r.lr_factor())
+            with step_errors(state.iteration + 1, r.checkpointer.last_path, oom_advice):
+                step = run_step(r, micro_batches)
+            tokens_per_step, global_batch = state.tokens_per_step, state.global_batch_size
+            state.advance()
+            loss = r.data.reduce_loss(step.losses)
+            call_hooks(r.components, "after_step", state, step.seconds)
+            if state.iteration % job.logging.log_interval == 0:
+                now = time.perf_counter()
+                seconds = (now - last_log) / job.logging.log_interval
+                last_log = now
+                r.log.iteration(state.iteration, job.training.train_iters, _step_metrics(
+                    r, state, lr, loss, step, seconds, tokens_per_step, global_batch))
+            if r.validator.due(state):
+                r.log.validation(state.iteration, r.validator.run(r.model))
+            stop_reason = r.stop.after_step(state, r.checkpointer.last_save_seconds)
+            if r.checkpointer.due(state, stop_reason):
+                r.checkpointer.save(state, r)
+        r.log.announce(f"exiting after iteration {state.iteration}: {stop_reason}")
     for component in r.components:
         component.finish(r.is_log_rank)
     r.log.close()
@@ -108,6 +106,8 @@ def _configure_logging() -> None:
                         format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     for noisy in ("megatron.core", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # A failed save is reported by the checkpointer in one line with its cause.
+    logging.getLogger("megatron.core.dist_checkpointing").setLevel(logging.CRITICAL)
 
 
 def _check_save_dir(path: str) -> None:
@@ -125,7 +125,11 @@ def _check_save_dir(path: str) -> None:
 
 
 def _error(msg: str, rank_prefix: bool = False) -> None:
+    """One ``error:`` line: from every rank with its number for failures that are a rank's
+    own, else (flags, checkpoints: every rank sees the same) from rank 0 only."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0")
+    if not rank_prefix and rank != "0":
+        return
     who = f"rank {rank}: " if rank_prefix and world > 1 else ""
     print(f"pretrain_gpt.py: error: {who}{msg}", file=sys.stderr, flush=True)
 
@@ -133,8 +137,8 @@ def _error(msg: str, rank_prefix: bool = False) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse, validate and train; every expected failure is one ``error:`` line."""
     _configure_logging()  # first: megatron-core warns while it is imported
-    from megatron_ext.training.checkpointing import CheckpointMismatch
-    from megatron_ext.training.errors import OutOfMemory, TrainingDiverged
+    from megatron_ext.training.errors import (CheckpointMismatch, JobError, OutOfMemory,
+                                              TrainingDiverged)
     from megatron_ext.training.job import check_machine, parse_job
 
     try:
@@ -153,11 +157,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         train(job)
     except CheckpointMismatch as e:
-        if os.environ.get("RANK", "0") == "0":
-            _error(str(e))
+        _error(str(e))
         return 2
     except (TrainingDiverged, OutOfMemory) as e:
         _error(str(e), rank_prefix=True)
+        return 1
+    except JobError as e:  # a failed save, an unwritable cache, ...: every rank knows
+        _error(str(e))
         return 1
     finally:
         if torch.distributed.is_initialized():

@@ -13,30 +13,75 @@ group's weight decay (``wd_mult`` 0 for biases and norm parameters, as in Megatr
 
 ``factor`` is the batch-growth LR scaling (``--lr-scaling``) of the current batch; it
 multiplies the scheduled LR of every group.
+
+On resume the checkpoint's schedule (peak and final LR, warmup and decay horizons, style)
+wins over the flags unless ``--override-opt-param-scheduler`` (Megatron-LM's rule); either
+way each differing value is one line in the log. Extending a run therefore keeps its LR
+curve unless asked otherwise.
 """
 from __future__ import annotations
+
+from typing import List, Optional
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_ext.training.config import OptimizerSettings, ScheduleConfig
 
 
+#: The schedule's values a checkpoint keeps, with the flag each comes from.
+_FLAGS = {"lr": "--lr", "min_lr": "--min-lr", "lr_warmup_samples": "--lr-warmup-samples",
+          "lr_decay_samples": "--lr-decay-samples", "lr_decay_style": "--lr-decay-style"}
+
+
 class LRSchedule:
     """Warmup then constant/linear/cosine decay to ``--min-lr``, over consumed samples."""
 
     def __init__(self, cfg: ScheduleConfig, optimizer_cfg: OptimizerSettings, optimizer):
-        warmup, decay = cfg.lr_warmup_samples, cfg.lr_decay_samples
-        # Megatron's scheduler needs decay > warmup; a decay no longer than the warmup can
-        # only mean "warm up, then stay at --lr".
-        style = cfg.lr_decay_style if decay > warmup else "constant"
-        self.style = style
+        self.override = cfg.override_opt_param_scheduler
+        self.values = {k: getattr(cfg, k) for k in _FLAGS}
+        self.optimizer = optimizer
         self.scheduler = OptimizerParamScheduler(
-            optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
-            lr_warmup_steps=warmup, lr_decay_steps=max(decay, warmup + 1),
-            lr_decay_style=style, start_wd=optimizer_cfg.weight_decay,
+            optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=0,
+            lr_decay_steps=1, lr_decay_style="constant", start_wd=optimizer_cfg.weight_decay,
             end_wd=optimizer_cfg.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
             use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
-        self.optimizer = optimizer
+        self._configure()
+
+    def _configure(self) -> None:
+        """Point the scheduler and every param group at ``self.values``."""
+        v, sched = self.values, self.scheduler
+        warmup, decay = v["lr_warmup_samples"], v["lr_decay_samples"]
+        # Megatron's scheduler needs decay > warmup; a decay no longer than the warmup can
+        # only mean "warm up, then stay at --lr".
+        self.style = v["lr_decay_style"] if decay > warmup else "constant"
+        sched.max_lr, sched.min_lr, sched.lr_decay_style = v["lr"], v["min_lr"], self.style
+        sched.lr_warmup_steps, sched.lr_decay_steps = warmup, max(decay, warmup + 1)
+        for group in self.optimizer.param_groups:  # (a loaded optimizer state brings its own)
+            group["max_lr"], group["min_lr"] = v["lr"], v["min_lr"]
+
+    def state_dict(self) -> dict:
+        return dict(self.values)
+
+    def load_state_dict(self, saved: Optional[dict]) -> List[str]:
+        """Continue the checkpoint's schedule (Megatron-LM's semantics), or with
+        ``--override-opt-param-scheduler`` these flags'; returns one line per value that
+        differs. ``saved`` None (older checkpoints): the flags."""
+        notes = []
+        constant = self.values["lr_decay_style"] == (saved or {}).get("lr_decay_style") == "constant"
+        for key, flag in _FLAGS.items():
+            old = (saved or {}).get(key, self.values[key])
+            if old == self.values[key] or (constant and key in ("lr_decay_samples", "min_lr")):
+                continue  # (a constant LR has no decay horizon and no final LR)
+            if self.override:
+                notes.append(f"{flag} {self.values[key]} replaces the checkpoint's {old} "
+                             "(--override-opt-param-scheduler)")
+            else:
+                notes.append(f"{flag} {self.values[key]} differs from the checkpoint's {old}: "
+                             "continuing the checkpoint's schedule (add "
+                             "--override-opt-param-scheduler to use the flag)")
+                self.values[key] = old
+        self._configure()
+        return notes
 
     def apply(self, state, factor: float = 1.0) -> float:
         """Set every group's LR and weight decay for the step about to run (at

@@ -42,6 +42,13 @@ def memory_gib() -> float:
         return float("nan")
 
 
+def _json_iteration(line: str) -> float:
+    try:
+        return json.loads(line).get("iteration", -1)
+    except ValueError:  # a line cut short by a crash
+        return float("inf")
+
+
 def _f(value: Optional[float]) -> float:
     return float("nan") if value is None else float(value)
 
@@ -53,19 +60,44 @@ class MetricsLogger:
         self.enabled = enabled
         self.writer = None
         self.json_file = None
+        self.tensorboard_dir, self.json_path = tensorboard_dir, json_path
         if not enabled:
             return
-        if tensorboard_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(log_dir=tensorboard_dir)
-            except ImportError:
-                logger.warning("tensorboard is not installed: --tensorboard-dir ignored "
-                               "(pip install tensorboard)")
+        self._open_tensorboard()
         if json_path:
             os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
             self.json_file = open(json_path, "a")
+
+    def _open_tensorboard(self, purge_step: Optional[int] = None) -> None:
+        if not self.tensorboard_dir:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=self.tensorboard_dir, purge_step=purge_step)
+        except ImportError:
+            logger.warning("tensorboard is not installed: --tensorboard-dir ignored "
+                           "(pip install tensorboard)")
+
+    def resume_at(self, iteration: int) -> None:
+        """A resumed run continues after ``iteration``: drop what an earlier attempt logged
+        past it (steps it ran after its last checkpoint), so each step is recorded once."""
+        if not self.enabled:
+            return
+        if self.json_file is not None:
+            self.json_file.close()
+            with open(self.json_path) as f:
+                lines = f.readlines()
+            kept = [line for line in lines if _json_iteration(line) <= iteration]
+            with open(self.json_path, "w") as f:
+                f.writelines(kept)
+            self.json_file = open(self.json_path, "a")
+            if len(kept) < len(lines):
+                self.announce(f"--log-json {self.json_path}: dropped {len(lines) - len(kept)} "
+                              f"entries past iteration {iteration} (the run resumes there)")
+        if self.writer is not None:  # TensorBoard's own way: purge events after the step
+            self.writer.close()
+            self._open_tensorboard(purge_step=iteration + 1)
 
     @staticmethod
     def announce(msg: str) -> None:

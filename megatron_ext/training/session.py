@@ -2,10 +2,11 @@
 
 Main API: :func:`setup` -> :class:`Run`, and :func:`run_step` (one optimizer step).
 
-Order matters and is Megatron's: process groups and seeds; data (it fixes the vocabulary);
-components (GNS must exist before the model, whose layer spec carries its recorder); the
-model and DDP; the optimizer and the LR schedule; the resume; megatron-core's micro-batch
-calculator configured from the train state.
+Order matters: process groups and seeds; which checkpoint to resume (its loop state decides
+the data phase and the padded vocabulary); data (it fixes the vocabulary); components (GNS
+must exist before the model, whose layer spec carries its recorder); the model and DDP; the
+optimizer and the LR schedule; the resume; megatron-core's micro-batch calculator
+configured from the train state.
 """
 from __future__ import annotations
 
@@ -83,10 +84,16 @@ def setup(job) -> Run:
     state = TrainState(job.model.seq_length, t.global_batch_size, t.micro_batch_size,
                        job.data_parallel_size)
     log = MetricsLogger(_is_log_rank(), job.logging.tensorboard_dir, job.logging.log_json)
-    data = TrainData(job, device)
+    checkpointer = Checkpointer(job.checkpoint, log)
+    resume_from = checkpointer.prepare()
+    saved = checkpointing.peek_loop_state(resume_from) if resume_from else {}
+    data = TrainData(job, device, saved.get("data"),
+                     saved.get("train_state", {}).get("consumed_samples", 0))
     shape = job.model_shape(data.vocab_size)
+    padded_vocab = checkpointing.padded_vocab_to_use(saved, shape, job.tp, log)
+    checkpointer.signature = checkpointing.model_signature(job.model, padded_vocab)
     gns, growth = build_components(job, shape, log)
-    built = build_gpt(job, shape.padded_vocab(job.tp), gns.model_options() if gns else None)
+    built = build_gpt(job, padded_vocab, gns.model_options() if gns else None)
     gpt, model = built.gpt, built.ddp
     if gns:
         gns.attach([model], built.config)
@@ -94,21 +101,23 @@ def setup(job) -> Run:
     forward_backward = get_forward_backward_func()
     run = Run(job=job, device=device, state=state, data=data, gpt=gpt, model=model,
               optimizer=optimizer, lr_schedule=LRSchedule(job.schedule, job.optimizer, optimizer),
-              checkpointer=Checkpointer(job.checkpoint, checkpointing.model_signature(
-                  job.model, shape.padded_vocab(job.tp)), log),
-              stop=StopConditions(t, device), validator=Validator(job, data, forward_backward),
+              checkpointer=checkpointer, stop=StopConditions(t, device),
+              validator=Validator(job, data, forward_backward),
               log=log, timers=Timers(log_level=1, log_option="max"),
               forward_backward=forward_backward, flops_per_sample=shape.flops_per_sample(job.tp),
               is_log_rank=log.enabled, gns=gns, batch_growth=growth,
               components=[c for c in (gns, growth) if c is not None])
-    if job.checkpoint.load:
-        run.checkpointer.resume(state, run, keep_batch=growth is None)
+    if resume_from:
+        checkpointer.resume(resume_from, state, run, keep_batch=growth is None)
+        log.resume_at(state.iteration)
+    for note in data.notes:
+        log.announce(note)
     sync_microbatch_calculator(state)
-    _announce(run, built.attention, shape)
+    _announce(run, built.attention, padded_vocab)
     return run
 
 
-def _announce(run: Run, attention_desc: str, shape) -> None:
+def _announce(run: Run, attention_desc: str, padded_vocab: int) -> None:
     from megatron_ext.training.initialize import optimizer_impl
 
     job = run.job
@@ -120,7 +129,7 @@ def _announce(run: Run, attention_desc: str, shape) -> None:
         f"{optimizer_impl(run.optimizer)}; parameters on rank 0: "
         f"{sum(p.numel() for p in run.gpt.parameters()) / 1e6:.2f} M; " + "; ".join(parts))
     run.log.announce(f"data: {run.data.description}; vocab {run.data.vocab_size} padded to "
-                     f"{shape.padded_vocab(job.tp)}")
+                     f"{padded_vocab}")
 
 
 def run_step(run: Run, micro_batches: list) -> StepResult:

@@ -1,60 +1,105 @@
 """When the run stops: every stop condition in one place.
 
-Main API: ``StopConditions(training_config, device)`` with ``before_start(state)`` and
-``after_step(state)``, each returning a reason (a short string for the log) or None.
+Main API: ``StopConditions(training_config, device)`` with ``before_start(state)``,
+``after_step(state, save_seconds)`` (each returns a reason for the log, or None),
+``complete(state)`` and ``reason``.
 
-Reasons: the run is complete (``--train-iters`` steps, or ``--train-samples`` consumed),
-``--exit-interval``, or SIGTERM/SIGINT on any rank (``scancel``, Kubernetes, Ctrl-C). A
-signal only sets a flag; ranks agree on it after each step (one all-reduce), so all of them
-stop, and save, after the same step.
+Reasons: the run is complete (``--train-iters`` steps, or ``--train-samples`` consumed);
+``--exit-interval``; ``--exit-duration-in-mins`` (counted from the process start), which stops
+early enough that one more step and the final save still fit in the limit; SIGTERM, SIGINT or SIGUSR1 on any rank (``scancel``,
+Kubernetes, Ctrl-C, SLURM's ``--signal=USR1@SECONDS`` ahead of the time limit). A signal only
+sets a flag; ranks agree on the flags after each step (one all-reduce), so all of them stop,
+and save, after the same step.
 """
 from __future__ import annotations
 
 import signal
+import time
 from typing import Optional
 
 import torch
 
 from megatron_ext.training.config import TrainingConfig
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def _process_start() -> float:
+    """When this process started (wall clock): the job's clock, not the training loop's."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except (ImportError, OSError):
+        return time.time()
+
 
 class StopConditions:
     def __init__(self, cfg: TrainingConfig, device: str):
         self.cfg = cfg
         self.device = device
-        self.signalled = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self.signalled: Optional[str] = None
+        self.reason: Optional[str] = None
+        self.start = _process_start()
+        self._last_step_end = time.monotonic()
+        self._longest_step = 0.0
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        self.signalled = True
+        self.signalled = signal.Signals(signum).name
 
-    def _agreed_signal(self) -> bool:
-        """True on every rank if any rank got a signal (the checkpoint's collectives need
-        every rank at the same step)."""
-        flag = torch.tensor([int(self.signalled)], dtype=torch.int32, device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.signalled = bool(flag.item())
-        return self.signalled
-
-    def _complete(self, state) -> Optional[str]:
-        if self.cfg.train_samples is not None and state.consumed_samples >= self.cfg.train_samples:
-            return f"--train-samples {self.cfg.train_samples} consumed"
-        if state.iteration >= self.cfg.train_iters:
-            return f"--train-iters {self.cfg.train_iters} done"
-        return None
+    def complete(self, state) -> bool:
+        """Nothing left to train (the budget is spent)."""
+        t = self.cfg
+        return (t.train_samples is not None and state.consumed_samples >= t.train_samples) \
+            or state.iteration >= t.train_iters
 
     def before_start(self, state) -> Optional[str]:
-        """A resumed run that has nothing left to do."""
-        return self._complete(state)
+        """Why a resumed run has nothing to do, or None."""
+        t = self.cfg
+        if not self.complete(state):
+            return None
+        budget = (f"--train-samples {t.train_samples}" if t.train_samples is not None
+                  else f"--train-iters {t.train_iters}")
+        self.reason = (f"the checkpoint is at iteration {state.iteration} ({state.consumed_samples}"
+                       f" samples), which completes {budget}: nothing to train (raise it to "
+                       "continue the run)")
+        return self.reason
 
-    def after_step(self, state) -> Optional[str]:
-        if self._agreed_signal():
-            return "stop requested (signal)"
+    def _out_of_time(self, save_seconds: float) -> bool:
+        """Would one more step plus the final save overrun --exit-duration-in-mins?"""
+        now = time.monotonic()
+        self._longest_step = max(self._longest_step, now - self._last_step_end)
+        self._last_step_end = now
+        limit = self.cfg.exit_duration_in_mins
+        return limit is not None and (time.time() - self.start + self._longest_step
+                                      + save_seconds > 60.0 * limit)
+
+    def _agreed(self, save_seconds: float) -> tuple:
+        """(any rank signalled, any rank out of time), the same on every rank."""
+        flags = torch.tensor([int(self.signalled is not None), int(self._out_of_time(save_seconds))],
+                             dtype=torch.int32, device=self.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def after_step(self, state, save_seconds: float = 0.0) -> Optional[str]:
+        signalled, out_of_time = self._agreed(save_seconds)
         every = self.cfg.exit_interval
-        if every and state.iteration % every == 0:
-            return f"--exit-interval {every}"
-        return self._complete(state)
+        if signalled:
+            self.reason = f"stop requested ({self.signalled or 'signal on another rank'})"
+        elif out_of_time:
+            self.reason = (f"--exit-duration-in-mins {self.cfg.exit_duration_in_mins:g}: "
+                           "stopping while one more step and the save still fit")
+        elif every and state.iteration % every == 0:
+            self.reason = f"--exit-interval {every}"
+        elif self.complete(state):
+            budget = ("--train-samples" if self.cfg.train_samples is not None
+                      else "--train-iters")
+            self.reason = f"{budget} done"
+        else:
+            self.reason = None
+        return self.reason
 
 
-__all__ = ["StopConditions"]
+__all__ = ["StopConditions", "STOP_SIGNALS"]
