@@ -31,6 +31,7 @@ from megatron_ext.training.hooks import call_hooks
 from megatron_ext.training.metrics import TIMED_PHASES, memory_gib, tflops_per_gpu
 
 logger = logging.getLogger("megatron_ext")
+_QUIET_RANK_EXIT_DELAY_S = 2.0
 
 
 def train(job):
@@ -129,6 +130,9 @@ def _error(msg: str, rank_prefix: bool = False) -> None:
     own, else (flags, checkpoints: every rank sees the same) from rank 0 only."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0")
     if not rank_prefix and rank != "0":
+        # torchrun stops every worker as soon as one exits non-zero: leave rank 0 the moment
+        # it needs to print the line this rank found too.
+        time.sleep(_QUIET_RANK_EXIT_DELAY_S)
         return
     who = f"rank {rank}: " if rank_prefix and world > 1 else ""
     print(f"pretrain_gpt.py: error: {who}{msg}", file=sys.stderr, flush=True)
