@@ -32,7 +32,11 @@ setup(
     extras_require={
         # Optional accelerators are detected at run time; never list the unrelated PyPI `apex`.
         "flash": ["flash-attn"],
-        "logging": ["tensorboard", "matplotlib"],
-        "test": ["pytest", "tensorboard", "matplotlib"],
+        "logging": ["tensorboard", "matplotlib", "wandb"],
+        # Real tokenizers (GPT-2 BPE, HuggingFace, SentencePiece, tiktoken) and HF checkpoints.
+        "tokenizers": ["transformers", "tokenizers", "sentencepiece", "tiktoken"],
+        "hf": ["transformers", "safetensors"],
+        "test": ["pytest", "tensorboard", "matplotlib", "wandb", "transformers", "tokenizers",
+                 "sentencepiece", "tiktoken", "safetensors"],
     },
 )

@@ -28,7 +28,14 @@ import textwrap
 import typing
 from typing import Any, ClassVar, Dict, Iterable, Type
 
-__all__ = ["FlagConfig", "add_config_args", "config_from_args", "field_docs", "flag_name"]
+__all__ = ["FlagConfig", "add_config_args", "config_from_args", "field_docs", "flag_name",
+           "require"]
+
+
+def require(cond: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``cond``: one line that names the flag and the fix."""
+    if not cond:
+        raise ValueError(message)
 
 
 def flag_name(field_name: str) -> str:

@@ -1,5 +1,6 @@
-"""Tests for tools/preprocess_data.py under bad input and signals: ``--errors``, SIGINT/SIGTERM
-cleanup, a quiet stderr, and outputs byte-identical to those of the code before these changes.
+"""Tests for tools/preprocess_data.py: ``--errors``, SIGINT/SIGTERM cleanup (with worker
+processes too), a quiet stderr, outputs byte-identical to those of the code before these
+changes and for any ``--workers``, progress lines, Parquet, and the benchmark's smoke mode.
 
 The subprocess tests run the real script (megatron's import makes each take a few seconds).
 """
@@ -150,9 +151,10 @@ def _wait_for_partial_bin(directory, proc, timeout=120):
     pytest.fail(f"no partial .bin appeared (exit status {proc.poll()})")
 
 
-@pytest.mark.parametrize("sig,status,existing", [(signal.SIGINT, 130, False),
-                                                 (signal.SIGTERM, 143, True)])
-def test_signal_removes_partial_output(tmp_path, sig, status, existing):
+@pytest.mark.parametrize("sig,status,existing,workers", [(signal.SIGINT, 130, False, "1"),
+                                                         (signal.SIGTERM, 143, True, "1"),
+                                                         (signal.SIGTERM, 143, False, "2")])
+def test_signal_removes_partial_output(tmp_path, sig, status, existing, workers):
     _big_input(tmp_path / "big.jsonl")
     if existing:  # a dataset from an earlier run must survive an interrupted rerun
         for suffix in (".bin", ".idx"):
@@ -160,7 +162,7 @@ def test_signal_removes_partial_output(tmp_path, sig, status, existing):
     # As a foreground run: a shell starts background jobs (pytest too, if so run) with SIGINT
     # ignored, and the script rightly keeps it so.
     proc = _run_script("--input", str(tmp_path / "big.jsonl"), "--output-prefix",
-                       str(tmp_path / "out"),
+                       str(tmp_path / "out"), "--workers", workers, "--progress-interval", "0",
                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_partial_bin(str(tmp_path), proc)
     proc.send_signal(sig)
@@ -192,3 +194,128 @@ def test_signal_handling_in_process():
             assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------- workers, progress, formats
+def _read_tokens(prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return [d.tolist() for d in IndexedDataset(str(prefix))]
+
+
+def test_any_number_of_workers_writes_the_same_bytes(tmp_path, monkeypatch):
+    (tmp_path / "in").mkdir()
+    _write_valid_inputs(tmp_path / "in")
+    import megatron_ext.data.tokenize_pool as pool
+
+    monkeypatch.setattr(pool, "CHUNK_DOCS", 2)  # many chunks in flight, out of order in time
+    for workers in (2, 3):
+        prefix = str(tmp_path / f"w{workers}")
+        stats = preprocess([str(tmp_path / "in")], prefix, workers=workers)
+        assert _sha256(prefix) == PINNED["default"] and stats.documents == 7
+        preprocess([str(tmp_path / "in")], prefix, split_paragraphs=True, append_eod=False,
+                   workers=workers)
+        assert _sha256(prefix) == PINNED["paragraphs"]
+    # a BPE tokenizer: the same ids from 1 and 2 workers, eod after each document
+    from megatron_ext.data.tokenizer import TokenizerArgs
+    from megatron_ext.data.tokenizer_training import stdlib_sources, train_byte_level_bpe
+
+    files = stdlib_sources(300_000)
+    bpe = train_byte_level_bpe(files[:3], str(tmp_path / "bpe"), 400)
+    args = TokenizerArgs("GPT2BPETokenizer", vocab_file=bpe["vocab_file"],
+                         merge_file=bpe["merge_file"])
+    for workers in (1, 2):
+        preprocess(files, str(tmp_path / f"bpe{workers}"), args, workers=workers)
+    assert _sha256(str(tmp_path / "bpe1")) == _sha256(str(tmp_path / "bpe2"))
+    docs = _read_tokens(tmp_path / "bpe2")
+    assert len(docs) == len(files) and all(d[-1] == 0 and 0 not in d[:-1] for d in docs)
+
+
+def test_progress_lines(tmp_path, capsys):
+    import io
+
+    from megatron_ext.data.progress import Progress, format_duration
+
+    assert [format_duration(s) for s in (0.4, 59, 75, 3725)] == ["0s", "59s", "1m15s", "1h02m"]
+    now = [100.0]
+    out = io.StringIO()
+    progress = Progress(10_000_000, 5, prefix="p: ", stream=out, clock=lambda: now[0])
+    progress.add(10, 1_000_000)  # too early for a line
+    now[0] = 110.0
+    progress.add(10, 1_000_000)
+    assert out.getvalue() == ("p: 20 docs, 2.0 MB in 10s: 2 docs/s, 0.20 MB/s, "
+                              "ETA ~40s\n")
+    assert "ETA" not in Progress(None, 5, clock=lambda: now[0]).line()  # size unknown
+    # in a run: a line per finished chunk when the interval is tiny, on stderr only
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n"
+                                              for i in range(3000)))
+    preprocess([str(tmp_path / "a.jsonl")], str(tmp_path / "o"), progress_interval=1e-9)
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert captured.out == "" and len(lines) == 3  # 1024 documents per chunk
+    assert lines[-1].startswith("preprocess_data.py: 3,000 docs, 0.0 MB in ")
+    assert "docs/s, " in lines[-1] and " MB/s, ETA ~" in lines[-1]
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--workers", "0"], "--workers must be >= 1 (tokenizer processes), got 0"),
+    (["--progress-interval", "-1"], "--progress-interval must be >= 0 seconds"),
+    (["--tokenizer-type", "NullTokenizer", "--vocab-size", "9", "--workers", "2"],
+     "cannot tokenize a document (ValueError: invalid literal for int()"),
+    (["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "missing.model"],
+     "--tokenizer-model missing.model: no such local file or directory"),
+])
+def test_bad_flags_give_one_line(tmp_path, monkeypatch, capsys, flags, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("words, not ids")
+    assert main(["--input", "a.txt", "--output-prefix", "o", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("preprocess_data.py: error: ") and needle in err
+    assert err.count("\n") == 1 and _outputs(tmp_path, "o") == []
+
+
+def test_megatron_lm_flag_spellings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"body": "hi"}) + "\n")
+    assert main(["--input", "a.jsonl", "--output-prefix", "o", "--json-keys", "body",
+                 "--no-append-eod", "--workers", "2", "--tokenizer-type", "byte"]) == 0
+    assert _read_tokens(tmp_path / "o") == [list(b"hi")]
+
+
+def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    assert main(["--input", "d.parquet", "--output-prefix", "o"]) == 2
+    assert capsys.readouterr().err == ("preprocess_data.py: error: d.parquet: reading Parquet "
+                                       "needs the pyarrow package: pip install pyarrow\n")
+
+
+def test_parquet_column(tmp_path, monkeypatch, capsys):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    monkeypatch.chdir(tmp_path)
+    pq.write_table(pa.table({"body": ["one", None, "two ü"], "n": [1, 2, 3]}), "d.parquet")
+    assert main(["--input", "d.parquet", "--output-prefix", "o", "--parquet-column",
+                 "body"]) == 0
+    assert _read_tokens(tmp_path / "o") == [list(b"one") + [256],
+                                            list("two ü".encode()) + [256]]
+    assert main(["--input", "d.parquet", "--output-prefix", "o"]) == 2
+    assert "d.parquet: no column 'text' (found ['body', 'n']); set --parquet-column" in \
+        capsys.readouterr().err
+    assert main(["--input", "d.parquet", "--output-prefix", "o", "--parquet-column", "n"]) == 2
+    assert "column 'n' holds int, not strings" in capsys.readouterr().err
+
+
+def test_benchmark_quick_mode(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_preprocess.py"),
+                           "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| workers | seconds | CPU seconds | MB/s | docs/s | speed-up |" in proc.stdout
+    assert "outputs byte-identical across worker counts: yes" in proc.stdout
+    result = json.loads(out.read_text())
+    assert [r["workers"] for r in result["runs"]] == [1, 2] and result["identical"]

@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Tokenize text/JSONL files into a Megatron indexed dataset; see megatron_ext/data/preprocess.py.
+"""Tokenize text/JSONL/Parquet files into a Megatron indexed dataset; see
+megatron_ext/data/preprocess.py.
 
 Example: python tools/preprocess_data.py --input data/*.jsonl --output-prefix data/my_corpus
-then train with --data-path data/my_corpus. Input that is not UTF-8 stops the run (the file and
-byte offset are named) unless --errors replace; Ctrl-C/SIGTERM remove the partial output and
-exit 130/143.
+then train with --data-path data/my_corpus. With a real tokenizer, from local files, in 8
+processes: add --workers 8 --tokenizer-type GPT2BPETokenizer --vocab-file vocab.json
+--merge-file merges.txt (or HuggingFaceTokenizer/SentencePieceTokenizer/TikTokenizer with
+--tokenizer-model PATH), and train with the same tokenizer flags. Input that is not UTF-8 stops
+the run (the file and byte offset are named) unless --errors replace; Ctrl-C/SIGTERM remove the
+partial output and exit 130/143.
 """
 import os
 import sys

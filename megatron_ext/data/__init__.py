@@ -1,7 +1,9 @@
-"""Data pipeline: byte tokenizer, preprocessing to Megatron indexed datasets, the zero-download
-stdlib corpus, dataset building and exact global-batch sampling.
+"""Data pipeline: tokenizers (byte, GPT-2 BPE, HuggingFace, SentencePiece, tiktoken, null),
+preprocessing to Megatron indexed datasets, the zero-download stdlib corpus, dataset building
+and exact global-batch sampling.
 
-Main API: ``ByteTokenizer``, ``DataConfig``/``add_data_args``/``build_gpt_datasets``,
+Main API: ``build_tokenizer(data_config)`` (``ByteTokenizer``, ``TokenizerArgs``),
+``DataConfig``/``add_data_args``/``build_gpt_datasets``,
 ``build_default_corpus``, ``GlobalBatchSampler`` (stateless: a step's indices from the
 consumed-sample count) and ``collate_micro_batch``; CLI ``tools/preprocess_data.py``
 (``megatron_ext.data.preprocess.main``). Importing this package does not import Megatron;
@@ -10,9 +12,9 @@ checking a ``--data-path`` or building datasets does.
 from megatron_ext.data.builder import DataConfig, add_data_args, build_gpt_datasets
 from megatron_ext.data.default_corpus import build_default_corpus
 from megatron_ext.data.sampler import GlobalBatchSampler, collate_micro_batch
-from megatron_ext.data.tokenizer import ByteTokenizer, build_tokenizer
+from megatron_ext.data.tokenizer import ByteTokenizer, TokenizerArgs, build_tokenizer
 
 __all__ = [
-    "ByteTokenizer", "build_tokenizer", "DataConfig", "add_data_args", "build_gpt_datasets",
-    "build_default_corpus", "GlobalBatchSampler", "collate_micro_batch",
+    "ByteTokenizer", "TokenizerArgs", "build_tokenizer", "DataConfig", "add_data_args",
+    "build_gpt_datasets", "build_default_corpus", "GlobalBatchSampler", "collate_micro_batch",
 ]

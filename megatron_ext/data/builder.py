@@ -17,14 +17,16 @@ This module imports no Megatron until a ``--data-path`` is checked or datasets a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
-from megatron_ext.config_flags import FlagConfig
-from megatron_ext.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
+from megatron_ext.config_flags import FlagConfig, add_config_args
+from megatron_ext.data.tokenizer import (TIKTOKEN_PATTERNS, TOKENIZER_FIELDS, TOKENIZER_TYPES,
+                                         build_tokenizer)
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +82,9 @@ def check_data_path(data_path: List[str], vocab_size: int, tokenizer_type: str) 
         top = max_token_id(prefix)
         if top >= vocab_size:
             hint = ("raise --vocab-size" if tokenizer_type == "NullTokenizer" else
-                    "it was not made by tools/preprocess_data.py: use --tokenizer-type "
-                    "NullTokenizer --vocab-size N")
+                    "it was not made by tools/preprocess_data.py with this tokenizer: "
+                    "preprocess it with the same tokenizer flags, or, for data tokenized "
+                    "elsewhere, use --tokenizer-type NullTokenizer --vocab-size N")
             raise ValueError(f"--data-path {prefix}: token id {top} does not fit the "
                              f"vocabulary of {vocab_size} ({tokenizer_type}); {hint}")
 
@@ -117,12 +120,30 @@ class DataConfig(FlagConfig):
     goes to ~/.cache/megatron_ext/stdlib_corpus, index caches next to the data)."""
     tokenizer_type: str = field(default="byte", metadata={"argparse": {
         "choices": TOKENIZER_TYPES}})
-    """``byte`` (UTF-8 bytes + eod, vocab 257; data from tools/preprocess_data.py) or
-    ``NullTokenizer`` (data tokenized elsewhere, e.g. by Megatron-LM's preprocess_data.py with
-    a BPE tokenizer; needs ``vocab_size``)."""
+    """Tokenizer of the data: byte (the default corpus's), GPT2BPETokenizer (--vocab-file,
+    --merge-file), HuggingFaceTokenizer, SentencePieceTokenizer, TikTokenizer
+    (--tokenizer-model) or NullTokenizer (data tokenized elsewhere, --vocab-size). ``byte`` is
+    UTF-8 bytes + eod (vocab 257); the four named as in Megatron-LM read local files and their
+    data comes from tools/preprocess_data.py with the same flags; ``NullTokenizer`` reads ids
+    as they are (e.g. data made by Megatron-LM's preprocess_data.py)."""
+    tokenizer_model: Optional[str] = None
+    """Local tokenizer file: a HuggingFace tokenizer directory (or its tokenizer.json), a
+    SentencePiece .model, or a tiktoken vocabulary JSON (Megatron-LM's format). Nothing is
+    downloaded: hub names are refused."""
+    vocab_file: Optional[str] = None
+    """GPT2BPETokenizer: GPT-2's vocab.json (local file)."""
+    merge_file: Optional[str] = None
+    """GPT2BPETokenizer: GPT-2's merges.txt (local file)."""
     vocab_size: Optional[int] = None
-    """NullTokenizer only: ids in the data are < vocab_size; eod is one more id (as in
-    Megatron-LM), so the model's vocabulary is vocab_size + 1 before padding."""
+    """NullTokenizer: the data's ids are < vocab_size (eod is one more id); TikTokenizer: cut
+    the vocabulary to this size. NullTokenizer's eod is one more id, as in Megatron-LM, so the
+    model's vocabulary is vocab_size + 1 before padding; TikTokenizer's default is the whole
+    file plus its special tokens."""
+    tiktoken_pattern: str = field(default="v2", metadata={"argparse": {
+        "choices": TIKTOKEN_PATTERNS}})
+    """TikTokenizer: Megatron-LM's pre-tokenisation regex, v1 or v2."""
+    tiktoken_num_special_tokens: int = 1000
+    """TikTokenizer: special-token ids reserved below the file's tokens (Megatron-LM's 1000)."""
     mock_data: bool = False
     """Use megatron's synthetic MockGPTDataset instead of real text (for benchmarking)."""
     default_corpus_mb: float = 4.0
@@ -134,13 +155,12 @@ class DataConfig(FlagConfig):
     """Evaluate every this many training steps."""
 
     def __post_init__(self) -> None:
-        if self.tokenizer_type not in TOKENIZER_TYPES:
-            raise ValueError(f"--tokenizer-type {self.tokenizer_type!r} is not supported; use "
-                             f"one of {list(TOKENIZER_TYPES)}")
-        tokenizer = build_tokenizer(self.tokenizer_type, self.vocab_size)  # flag-pair checks
-        if self.tokenizer_type == "NullTokenizer" and self.data_path is None and not self.mock_data:
-            raise ValueError("--tokenizer-type NullTokenizer reads pre-tokenized data: give "
-                             "--data-path (the default corpus is byte-tokenized)")
+        # Flag pairs, local files, libraries; reads the tokenizer (cached per process).
+        tokenizer = build_tokenizer(self)
+        if self.tokenizer_type != "byte" and self.data_path is None and not self.mock_data:
+            raise ValueError(f"--tokenizer-type {self.tokenizer_type} reads data tokenized with "
+                             "it: give --data-path (the default corpus is byte-tokenized; "
+                             "make one with tools/preprocess_data.py and the same flags)")
         parse_split(self.split)
         if not self.default_corpus_mb > 0:
             raise ValueError(f"--default-corpus-mb must be > 0 (MB of stdlib sources), got "
@@ -160,6 +180,15 @@ class DataConfig(FlagConfig):
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the "data" argparse group; flags map 1:1 to :class:`DataConfig` fields."""
     return DataConfig.add_args(parser)
+
+
+def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add only :class:`DataConfig`'s tokenizer flags (``TOKENIZER_FIELDS``), as a "tokenizer"
+    group: tools/preprocess_data.py takes the same flags as training."""
+    skip = [f.name for f in dataclasses.fields(DataConfig) if f.name not in TOKENIZER_FIELDS]
+    group = add_config_args(parser, DataConfig, "tokenizer", skip)
+    group.description = "Which tokenizer, read from which local files (nothing is downloaded)."
+    return parser
 
 
 def default_corpus_prefix(config: DataConfig, max_bytes: int = 4_000_000) -> str:
@@ -191,7 +220,7 @@ def build_gpt_datasets(config: DataConfig, seq_length: int, seed: int, train_sam
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-    tokenizer = build_tokenizer(config.tokenizer_type, config.vocab_size)
+    tokenizer = build_tokenizer(config)
     if config.mock_data:
         blend, split, cls = None, None, MockGPTDataset
     else:

@@ -1,6 +1,7 @@
 """GPT layer specs for megatron-core built from megatron_ext modules.
 
-Main API: :func:`get_gpt_block_spec` (pass it to ``GPTModel(transformer_layer_spec=...)``).
+Main API: :func:`get_gpt_block_spec` (pass it to ``GPTModel(transformer_layer_spec=...)``),
+:data:`SHARDED_STATE_DICT_KEYS_MAP` and :func:`unfused_norm_key`.
 
 Everything is swapped in through ``ModuleSpec``: megatron-core's ``TransformerLayer``,
 ``SelfAttention`` and ``MLP`` stay as they are, and only the slots that need a different
@@ -11,6 +12,13 @@ implementation get one:
 * ``core_attention``: Megatron's ``DotProductAttention`` ("local") or our flash/SDPA module;
 * linear layers: Megatron's Column/RowParallelLinear, or GNS-aware subclasses that also
   produce per-sample gradient norms.
+
+Checkpoint keys are megatron-core's: like its own local and Transformer Engine GPT specs,
+the layer carries ``sharded_state_dict_keys_map`` (:data:`SHARDED_STATE_DICT_KEYS_MAP`), so
+the pre-attention and pre-MLP norms are saved under the names of TE's fused
+LayerNorm+linear modules (``self_attention.linear_qkv.layer_norm_weight``, ...). A GPT saved by
+Megatron-LM therefore loads into ours and the other way round; checkpoints written before
+megatron_ext used the map keep the module names (:func:`unfused_norm_key` gives them).
 """
 
 from __future__ import annotations
@@ -36,6 +44,23 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_ext.model.norms import SPNorm
+
+#: Our norms' sharded-tensor keys -> megatron-core's (as in its local GPT layer spec).
+SHARDED_STATE_DICT_KEYS_MAP = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
+def unfused_norm_key(key: str) -> str:
+    """The key a norm parameter had in checkpoints written without the keys map
+    (``decoder.layers.self_attention.linear_qkv.layer_norm_weight`` ->
+    ``decoder.layers.input_layernorm.weight``); other keys are returned unchanged."""
+    for ours, mapped in SHARDED_STATE_DICT_KEYS_MAP.items():
+        if "." + mapped in key:
+            return key.replace("." + mapped, "." + ours, 1)
+    return key
+
 
 #: What a layer-spec slot accepts: a module class, or a ModuleSpec with constructor params.
 Slot = Union[type, ModuleSpec]
@@ -75,6 +100,7 @@ def get_gpt_layer_spec(
                 submodules=MLPSubmodules(linear_fc1=column_linear, linear_fc2=row_linear),
             ),
             mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=dict(SHARDED_STATE_DICT_KEYS_MAP),
         ),
     )
 

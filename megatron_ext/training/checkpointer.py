@@ -1,15 +1,21 @@
 """When to save, what goes into a checkpoint, resuming, and how the run ended.
 
 Main API: ``Checkpointer(checkpoint_config, log)`` (``signature``: the model's, set once
-the padded vocabulary is known) with ``prepare()`` (which
-checkpoint to resume, collective), ``due(state, stop_reason)``, ``save(state, run)``,
-``resume(path, state, run, keep_batch)``, ``recording_status(state, stop)`` and
-``last_path`` (what a failure names).
+the padded vocabulary is known; ``model_config``: every model flag, for export) with
+``prepare()`` (which checkpoint to resume, and whether as ``finetune``; collective),
+``due(state, stop_reason)``, ``save(state, run)``, ``resume(path, state, run, keep_batch)``,
+``load_weights(path, model)``, ``recording_status(state, stop)`` and ``last_path`` (what a
+failure names).
 
 A checkpoint holds the model and optimizer shards (``checkpointing.py``) plus the loop
 state: the :class:`TrainState`, each component's ``state_dict()`` under its name, the data
 phases (which dataset the sample stream reads, from which sample), the LR schedule, the
 parallel layout and the model's signature.
+``--finetune``, or a checkpoint that holds only a model (an HF import, Megatron-LM's), loads
+the weights only: the run starts at iteration 0 with a new optimizer, fresh data and the
+flags' LR schedule. Restarted, a finetune run resumes its own newest checkpoint in ``--save``
+instead. An import's ``hf`` entry (the original HuggingFace config) is carried into every
+checkpoint saved after it, for ``tools/convert_hf.py export``.
 Rank 0 alone looks at the directory (``checkpoint_dir.py``: lock, leftovers, the newest
 complete checkpoint, free space, retention) and broadcasts what it decided, so every rank
 acts alike and a problem is one line printed once.
@@ -42,6 +48,10 @@ class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, log, signature: Optional[dict] = None):
         self.cfg = cfg
         self.signature = signature
+        self.model_config: Optional[dict] = None
+        self.finetune: Optional[str] = None
+        """Why only the weights are loaded (None: a full resume)."""
+        self.carried: dict = {}
         self.log = log
         self.dir = CheckpointDir(cfg.save) if cfg.save else None
         self.last_path: Optional[str] = None
@@ -66,7 +76,22 @@ class Checkpointer:
             raise CheckpointDirError(
                 f"--save {self.cfg.save} already holds checkpoints ({os.path.basename(newest)}); "
                 f"continue that run with --load {self.cfg.save}, or save to a new directory")
-        return {"error": None, "resume": resume, "notes": notes}
+        finetune = self._finetune_reason(resume)
+        own = self.dir.newest_complete()[0] if finetune and self.dir else None
+        if own and os.path.abspath(own) != os.path.abspath(resume):
+            notes.append(f"--save {self.cfg.save} holds {os.path.basename(own)} of this finetune "
+                         f"run: resuming it instead of starting again from {resume}")
+            resume, finetune = own, None
+        return {"error": None, "resume": resume, "notes": notes, "finetune": finetune}
+
+    def _finetune_reason(self, path: Optional[str]) -> Optional[str]:
+        if path is None:
+            return None
+        if self.cfg.finetune:
+            return "--finetune"
+        if checkpointing.is_model_only(checkpointing.peek_loop_state(path)):
+            return "a model-only checkpoint (no training state), loaded as with --finetune"
+        return None
 
     def prepare(self) -> Optional[str]:
         """The checkpoint directory to resume from, or None (collective; before the model
@@ -75,7 +100,7 @@ class Checkpointer:
         if self._rank0:
             try:
                 decision = self._decide()
-            except CheckpointDirError as e:
+            except (CheckpointDirError, checkpointing.CheckpointMismatch) as e:
                 decision = {"error": str(e), "resume": None, "notes": []}
         decision = _broadcast(decision)
         if decision["error"]:
@@ -85,13 +110,33 @@ class Checkpointer:
         if self.cfg.save:
             checkpointing.start_checkpoint_writer()
         self.last_path = decision["resume"]
+        self.finetune = decision.get("finetune")
         return decision["resume"]
 
+    def load_weights(self, path: str, model) -> dict:
+        """Load only the model weights of ``path`` (checked against ``signature``); returns
+        its loop state."""
+        loop = checkpointing.load_model(path, model, signature=self.signature)
+        self._carry(loop)
+        return loop
+
+    def _carry(self, loop: dict) -> None:
+        """What later checkpoints keep of the loaded one: an import's HF origin."""
+        self.carried = {"hf": loop["hf"]} if loop.get("hf") else {}
+
     def resume(self, path: str, state, run, keep_batch: bool) -> None:
-        """Load ``path`` into the model, optimizer, state, data and components."""
+        """Load ``path`` into the model, optimizer, state, data and components (only the
+        model when finetuning)."""
+        if self.finetune:
+            self.load_weights(path, run.gpt)
+            self.log.announce(f"{self.finetune}: took only the model weights of {path}; "
+                              f"training starts at iteration {state.iteration} with a new "
+                              "optimizer and the LR schedule of the flags")
+            return
         loop = checkpointing.load_checkpoint(
             path, run.gpt, run.optimizer, load_optim=not self.cfg.no_load_optim,
             signature=self.signature)
+        self._carry(loop)
         saved = loop["train_state"]
         try:
             state.load_state_dict(saved, keep_batch=keep_batch)
@@ -125,7 +170,8 @@ class Checkpointer:
                 "lr_schedule": run.lr_schedule.state_dict(),
                 "components": {c.name: c.state_dict() for c in run.components},
                 "parallel_layout": checkpointing.parallel_layout(),
-                "model": self.signature}
+                "model": self.signature,
+                "model_config": self.model_config, **self.carried}
 
     def save(self, state, run) -> None:
         """Write ``iter_N`` (collective). A failure (a full disk) removes the partial save

@@ -1,7 +1,8 @@
 """Save and resume training state with megatron-core ``dist_checkpointing``.
 
-Main API: :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`peek_loop_state`,
-:func:`start_checkpoint_writer`, :func:`model_signature`, :data:`FORMAT_VERSION` (what
+Main API: :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`load_model`,
+:func:`peek_loop_state`, :func:`is_model_only`, :func:`start_checkpoint_writer`,
+:func:`model_signature`, :data:`FORMAT_VERSION` (what
 :class:`Checkpointer` in ``checkpointer.py`` puts into a checkpoint besides the shards).
 Which checkpoints exist and are complete is ``checkpoint_dir.py``'s business.
 
@@ -27,6 +28,13 @@ The loop's state (``common.pt``'s ``loop`` entry) carries ``format_version``. Ve
 (written before the train state owned the progress: no version key) is upgraded on load, so
 those checkpoints resume with the same sample stream and schedule; a version this code does
 not know stops with one line naming it.
+
+A checkpoint that holds only a model (no ``loop`` entry, as Megatron-LM's ``dist_checkpointing``
+save of a GPTModel; or a loop state without a train state, as ``tools/convert_hf.py import``
+writes) is loaded with finetune semantics (:func:`load_model`: weights only). Its padded
+vocabulary is then read from the embedding's shape. The norms' keys follow megatron-core's
+layer specs (``layer_spec.SHARDED_STATE_DICT_KEYS_MAP``); checkpoints saved before that keep
+the module names, which loading detects in the checkpoint's metadata.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from megatron_ext.model.layer_spec import unfused_norm_key
 from megatron_ext.training.checkpoint_dir import CheckpointDir
 from megatron_ext.training.errors import CheckpointMismatch, JobError
 
@@ -82,7 +91,7 @@ def padded_vocab_to_use(saved: Dict[str, Any], shape, tp: int, log) -> int:
     --make-vocab-size-divisible-by x TP, so TP 1 -> 2 would otherwise change it), as long as
     the new TP splits it evenly."""
     mine = shape.padded_vocab(tp)
-    theirs = (saved.get("model") or {}).get("padded_vocab_size")
+    theirs = (saved.get("model") or {}).get("padded_vocab_size") or saved.get("padded_vocab_size")
     if not theirs or theirs == mine:
         return mine
     if theirs % tp or theirs < shape.vocab_size:
@@ -188,8 +197,23 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_state(model, optimizer, include_optim: bool, is_loading: bool) -> Dict[str, Any]:
+def _match_saved_keys(model_sd: Dict[str, Any], ckpt_dir: str) -> None:
+    """Load the norms from the keys a checkpoint written without the keys map used."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    saved = dist_checkpointing.load_tensors_metadata(ckpt_dir).keys()
+    for sharded in nested_values(model_sd):
+        key = getattr(sharded, "key", None)
+        if key is not None and key not in saved and unfused_norm_key(key) in saved:
+            sharded.key = unfused_norm_key(key)
+
+
+def _sharded_state(model, optimizer, include_optim: bool,
+                   load_from: Optional[str] = None) -> Dict[str, Any]:
     model_sd = model.sharded_state_dict()
+    is_loading = load_from is not None
+    if is_loading:
+        _match_saved_keys(model_sd, load_from)  # before the optimizer's keys derive from them
     state = {"model": model_sd}
     if include_optim:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
@@ -205,7 +229,7 @@ def _all_ranks_ok(ok: bool) -> bool:
 
 def _write_shards(tmp_dir: str, model, optimizer, loop_state, save_optim: bool) -> None:
     """Every rank: megatron-core's shards (common.pt from rank 0) and this rank's RNG."""
-    state = _sharded_state(model, optimizer, save_optim, is_loading=False)
+    state = _sharded_state(model, optimizer, save_optim)
     state["loop"] = loop_state  # non-tensor entries go to common.pt (written by rank 0)
     dist_checkpointing.save(state, tmp_dir)
     rank = torch.distributed.get_rank()
@@ -273,14 +297,53 @@ def save_checkpoint(cdir: CheckpointDir, iteration: int, model, optimizer,
     return cdir.iteration_dir(iteration)
 
 
+def _model_only_state(ckpt_dir: str) -> Dict[str, Any]:
+    """The loop state of a checkpoint without one (a bare model, e.g. Megatron-LM's)."""
+    embedding = dist_checkpointing.load_tensors_metadata(ckpt_dir).get(
+        "embedding.word_embeddings.weight")
+    return {"format_version": FORMAT_VERSION, "model_only": True, "model": None,
+            "padded_vocab_size": None if embedding is None else int(embedding.global_shape[0])}
+
+
 def peek_loop_state(ckpt_dir: str) -> Dict[str, Any]:
     """The loop state of a checkpoint (current format) without loading any shard."""
     try:
-        loop = dist_checkpointing.load_common_state_dict(ckpt_dir)["loop"]
+        loop = dist_checkpointing.load_common_state_dict(ckpt_dir).get("loop")
+        if loop is None:
+            return _model_only_state(ckpt_dir)
     except Exception as e:  # a damaged common.pt: one line, not megatron's trace
         raise CheckpointMismatch(f"--load {ckpt_dir}: cannot read its loop state "
                                  f"({_failure(e)})") from None
     return upgrade_loop_state(loop, ckpt_dir)
+
+
+def is_model_only(loop_state: Dict[str, Any]) -> bool:
+    """True for a checkpoint that holds a model but no training state (load it as finetune)."""
+    return "train_state" not in loop_state
+
+
+def _load_shards(ckpt_dir: str, model, optimizer, load_optim: bool) -> None:
+    state = _sharded_state(model, optimizer, load_optim, load_from=ckpt_dir)
+    try:
+        loaded = dist_checkpointing.load(state, ckpt_dir)
+    except Exception as e:  # dist_checkpointing wraps shape/key errors in several types
+        if "mismatch" not in str(e).lower() and "missing" not in str(e).lower():
+            raise
+        reason = str(e).strip().splitlines()[-1][:300]
+        raise CheckpointMismatch(f"--load {ckpt_dir} does not fit this model or optimizer "
+                                 f"({reason})") from None
+    model.load_state_dict(loaded["model"])
+    if load_optim:
+        optimizer.load_state_dict(loaded["optimizer"])
+
+
+def load_model(ckpt_dir: str, model, signature: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Load only the model weights of ``ckpt_dir`` (finetune: no optimizer, RNG or progress);
+    returns the loop state. ``signature`` as in :func:`load_checkpoint`."""
+    loop_state = peek_loop_state(ckpt_dir)
+    _check_model_signature(ckpt_dir, loop_state.get("model"), signature)
+    _load_shards(ckpt_dir, model, None, load_optim=False)
+    return loop_state
 
 
 def load_checkpoint(ckpt_dir: str, model, optimizer, load_optim: bool = True,
@@ -294,19 +357,7 @@ def load_checkpoint(ckpt_dir: str, model, optimizer, load_optim: bool = True,
     rank_file = os.path.join(ckpt_dir, f"rank_{rank:05d}.pt")
     loop_state = peek_loop_state(ckpt_dir)
     _check_model_signature(ckpt_dir, loop_state.get("model"), signature)
-    state = _sharded_state(model, optimizer, load_optim, is_loading=True)
-    state["loop"] = None
-    try:
-        loaded = dist_checkpointing.load(state, ckpt_dir)
-    except Exception as e:  # dist_checkpointing wraps shape/key errors in several types
-        if "mismatch" not in str(e).lower() and "missing" not in str(e).lower():
-            raise
-        reason = str(e).strip().splitlines()[-1][:300]
-        raise CheckpointMismatch(f"--load {ckpt_dir} does not fit this model or optimizer "
-                                 f"({reason})") from None
-    model.load_state_dict(loaded["model"])
-    if load_optim:
-        optimizer.load_state_dict(loaded["optimizer"])
+    _load_shards(ckpt_dir, model, optimizer, load_optim)
     saved_layout = loop_state.get("parallel_layout")
     if os.path.exists(rank_file) and saved_layout in (None, parallel_layout()):
         _set_rng_state(torch.load(rank_file, weights_only=False))

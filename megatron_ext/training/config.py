@@ -15,17 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from megatron_ext.config_flags import FlagConfig
+from megatron_ext.config_flags import FlagConfig, require
+from megatron_ext.training.logging_config import LoggingConfig
 
 
 def _choices(*values) -> dict:
     return {"argparse": {"choices": values}}
-
-
-def require(cond: bool, message: str) -> None:
-    """Raise ``ValueError(message)`` unless ``cond``: one line that names the flag and the fix."""
-    if not cond:
-        raise ValueError(message)
 
 
 def _positive(section, names) -> None:
@@ -63,12 +58,24 @@ class ModelConfig(FlagConfig):
     """Rotary (rope) or learned absolute positions."""
     rotary_base: int = 10000
     """Base of the rotary frequencies."""
+    rotary_percent: float = 1.0
+    """Fraction of each head's channels that get rotary embeddings (rope)."""
+    rotary_seq_len_interpolation_factor: Optional[float] = None
+    """Linear position interpolation: rope positions are divided by this (e.g. 8 to run a
+    model trained at 4k tokens at 32k; HF rope_scaling "linear")."""
+    use_rope_scaling: bool = False
+    """Llama 3.1 RoPE frequency scaling (HF rope_scaling "llama3"; megatron-core fixes its
+    low/high frequency factors to 1 and 4 and the original context to 8192)."""
+    rope_scaling_factor: float = 8.0
+    """Factor of --use-rope-scaling."""
     normalization: str = field(default="LayerNorm", metadata=_choices("LayerNorm", "RMSNorm"))
     """LayerNorm or RMSNorm."""
     norm_epsilon: float = 1e-5
     """Epsilon of the norms."""
     swiglu: bool = False
     """SwiGLU MLP instead of GeLU."""
+    openai_gelu: bool = False
+    """GeLU with the tanh approximation (GPT-2's "gelu_new") instead of the exact one."""
     disable_bias_linear: bool = False
     """No biases in the linear layers."""
     qk_layernorm: bool = False
@@ -104,6 +111,20 @@ class ModelConfig(FlagConfig):
                 "--max-position-embeddings must be >= --seq-length")
         for name in ("hidden_dropout", "attention_dropout"):
             require(0.0 <= getattr(self, name) < 1.0, f"--{name.replace('_', '-')} must be in [0, 1)")
+        self._check_rope()
+
+    def _check_rope(self) -> None:
+        require(0.0 < self.rotary_percent <= 1.0, "--rotary-percent must be in (0, 1]")
+        require((self.rotary_seq_len_interpolation_factor or 1.0) >= 1.0,
+                "--rotary-seq-len-interpolation-factor must be >= 1 (new / old context length)")
+        require(self.rope_scaling_factor >= 1.0, "--rope-scaling-factor must be >= 1")
+        require(self.position_embedding_type == "rope" or (
+            self.rotary_percent == 1.0 and self.rotary_seq_len_interpolation_factor is None
+            and not self.use_rope_scaling),
+            "--rotary-percent/--rotary-seq-len-interpolation-factor/--use-rope-scaling need "
+            "--position-embedding-type rope")
+        require(not (self.openai_gelu and self.swiglu),
+                "--openai-gelu and --swiglu exclude each other (SwiGLU uses SiLU): drop one")
 
     @property
     def ffn_size(self) -> int:
@@ -289,28 +310,17 @@ class CheckpointConfig(FlagConfig):
     """Keep only this many newest complete checkpoints (default: all)."""
     save_failure: str = field(default="stop", metadata=_choices("stop", "continue"))
     """When a save fails (e.g. a full disk): stop training, or warn and continue."""
+    finetune: bool = False
+    """Load only the model weights from --load: iteration 0, a new optimizer, the flags' LR
+    schedule (Megatron-LM's --finetune; a checkpoint holding only a model, e.g. an HF import
+    or Megatron-LM's, loads this way by itself)."""
 
     def __post_init__(self):
         _positive(self, ("save_interval", "keep_last"))
+        require(not self.finetune or self.load is not None,
+                "--finetune needs --load DIR (the checkpoint whose weights to start from)")
         require(self.save_interval is None or self.save is not None,
                 "--save-interval needs --save DIR")
-
-
-@dataclass
-class LoggingConfig(FlagConfig):
-    """Progress lines, TensorBoard and JSON-lines metrics."""
-
-    flag_group = "logging"
-
-    log_interval: int = 1
-    """Print a progress line every this many steps."""
-    tensorboard_dir: Optional[str] = None
-    """Also write the metrics as TensorBoard scalars here."""
-    log_json: Optional[str] = None
-    """Also append the metrics as JSON lines to this file."""
-
-    def __post_init__(self):
-        _positive(self, ("log_interval",))
 
 
 #: (attribute of JobConfig, dataclass), in --help order.

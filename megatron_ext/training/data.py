@@ -1,7 +1,8 @@
 """Training and validation data of the loop: datasets, the forward step and the loss.
 
-Main API: :class:`TrainData` (``next_step(state)``, ``reduce_loss``), :class:`Validator`
-(``due(state)``, ``run(model)``), :func:`forward_step` and :func:`loss_func`.
+Main API: :class:`TrainData` (``next_step(state)``, ``reduce_loss``), :class:`Evaluator`
+(``due(state)``, ``run(model)``; validation and test splits), :func:`forward_step` and
+:func:`loss_func`.
 
 The sample stream is a pure function of the train state: step k reads the global batch of
 consecutive indices that starts at ``state.consumed_samples`` (``GlobalBatchSampler``), so no
@@ -72,7 +73,7 @@ class TrainData:
         self.seq_length = job.model.seq_length
         self.cp_size = job.cp
         self.local_seq_length = self.seq_length // self.cp_size
-        tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_size)
+        self.tokenizer = tokenizer = build_tokenizer(cfg)
         self.vocab_size = tokenizer.vocab_size
         # Enough samples for the longest run the flags allow (the batch may grow to its max).
         max_batch = max(t.global_batch_size, job.batch_growth.batch_growth_max or 0)
@@ -84,11 +85,11 @@ class TrainData:
             from megatron_ext.training.errors import CheckpointMismatch
 
             raise CheckpointMismatch(str(e)) from None
-        evals = (t.train_iters // cfg.eval_interval + 1) if cfg.eval_iters else 0
-        valid_samples = cfg.eval_iters * t.global_batch_size * evals
+        # every evaluation reads the same first --eval-iters global batches of its split
+        eval_samples = cfg.eval_iters * t.global_batch_size
         try:
-            self.train_ds, self.valid_ds, _ = build_gpt_datasets(
-                cfg, self.seq_length, t.seed, self.phases[-1].samples, valid_samples, 0)
+            self.train_ds, self.valid_ds, self.test_ds = build_gpt_datasets(
+                cfg, self.seq_length, t.seed, self.phases[-1].samples, eval_samples, eval_samples)
         except Exception as e:  # megatron-core: "Failed to write dataset materials ..."
             if "dataset materials" not in str(e):
                 raise
@@ -134,17 +135,19 @@ class TrainData:
         return phases_state(self.phases)
 
 
-class Validator:
-    """``--eval-iters`` global batches of the validation split every ``--eval-interval`` steps."""
+class Evaluator:
+    """Mean loss over the first ``--eval-iters`` global batches of one split: the validation
+    split every ``--eval-interval`` steps, the test split once at the end."""
 
-    def __init__(self, job, data: TrainData, forward_backward):
+    def __init__(self, job, data: TrainData, forward_backward, split: str = "valid"):
         cfg = job.data
-        self.data, self.forward_backward = data, forward_backward
+        self.data, self.forward_backward, self.split = data, forward_backward, split
+        self.dataset = data.valid_ds if split == "valid" else data.test_ds
         self.iters, self.interval = cfg.eval_iters, cfg.eval_interval
         self.global_batch, self.micro = job.training.global_batch_size, job.training.micro_batch_size
-        self.enabled = data.valid_ds is not None and self.iters > 0
+        self.enabled = self.dataset is not None and self.iters > 0
         if self.enabled:
-            self.sampler = GlobalBatchSampler(len(data.valid_ds), ps.get_data_parallel_rank(),
+            self.sampler = GlobalBatchSampler(len(self.dataset), ps.get_data_parallel_rank(),
                                               ps.get_data_parallel_world_size())
 
     def due(self, state) -> bool:
@@ -152,11 +155,10 @@ class Validator:
 
     @torch.no_grad()
     def run(self, model) -> Optional[float]:
-        """Mean loss over the first ``--eval-iters`` global batches of the validation split."""
         model.eval()
         totals = []
         for i in range(self.iters):
-            micro = self.data.micro_batches(self.data.valid_ds, self.sampler, i * self.global_batch,
+            micro = self.data.micro_batches(self.dataset, self.sampler, i * self.global_batch,
                                             self.global_batch, self.micro)
             out = self.forward_backward(
                 forward_step_func=self.data.forward_step, data_iterator=iter(micro),
@@ -169,4 +171,4 @@ class Validator:
         return _global_mean(torch.stack(totals).sum(0)) if totals else None
 
 
-__all__ = ["TrainData", "Validator", "forward_step", "loss_func"]
+__all__ = ["Evaluator", "TrainData", "forward_step", "loss_func"]

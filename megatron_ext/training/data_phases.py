@@ -36,10 +36,13 @@ class DataPhase:
 
 def data_identity(job) -> Dict[str, Any]:
     d = job.data
-    return {"data_path": list(d.data_path) if d.data_path else None, "split": d.split,
-            "seq_length": job.model.seq_length, "seed": job.training.seed,
-            "tokenizer_type": d.tokenizer_type, "vocab_size": d.vocab_size,
-            "mock_data": d.mock_data, "default_corpus_mb": d.default_corpus_mb}
+    identity = {"data_path": list(d.data_path) if d.data_path else None, "split": d.split,
+                "seq_length": job.model.seq_length, "seed": job.training.seed,
+                "mock_data": d.mock_data, "default_corpus_mb": d.default_corpus_mb}
+    for name in ("tokenizer_type", "vocab_size", "tokenizer_model", "vocab_file", "merge_file",
+                 "tiktoken_pattern", "tiktoken_num_special_tokens"):
+        identity[name] = getattr(d, name, None)
+    return identity
 
 
 def _differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
@@ -64,7 +67,7 @@ def continue_phases(saved: Optional[dict], identity: Dict[str, Any], samples: in
                          f"{last.identity.get('seed')}, which changes the data order: resume "
                          f"with --seed {last.identity.get('seed')}, or add --allow-seed-change "
                          f"to start a new data phase at sample {consumed}")
-    if last.identity == identity:
+    if not _differences(last.identity, identity):  # (keys added later read as None)
         if last.total_samples is None or samples <= last.start + last.total_samples:
             return phases, []
         change = (f"the run now needs {samples} samples, past the {last.total_samples} this "

@@ -157,6 +157,10 @@ class JobConfig:
     def _check_features(self) -> None:
         """Checks between a feature and the rest of the job (one place for all of them)."""
         self.batch_growth.validate_against(gns_enabled=self.gns.gns)
+        require(self.logging.sample_prompt is None or (self.pp == 1 and self.cp == 1),
+                "--sample-prompt needs --pipeline-model-parallel-size 1 and "
+                "--context-parallel-size 1 (sample from a checkpoint under such a layout: "
+                "--load DIR --sample-prompt TEXT)")
         g, dp = self.gns, self.data_parallel_size
         if not g.gns:
             return
@@ -224,6 +228,13 @@ def check_machine(job: JobConfig, cuda: Optional[bool] = None) -> None:
         require(cuda and flash_attn_available(),
                 "--attention-backend flash needs CUDA and `pip install flash-attn`; use "
                 "--attention-backend sdpa (or auto)")
+    require(cuda or not job.logging.record_memory_history,
+            "--record-memory-history records CUDA allocations: it needs a CUDA GPU")
+    if job.logging.wandb_project:
+        import importlib.util
+
+        require(importlib.util.find_spec("wandb") is not None,
+                "--wandb-project needs the wandb package: pip install 'megatron_ext[logging]'")
     load, save = job.checkpoint.load, job.checkpoint.save
     first_auto_resume = save is not None and load is not None \
         and os.path.abspath(load) == os.path.abspath(save)  # --save D --load D, first run

@@ -38,20 +38,19 @@ def train(job):
     """Run ``job`` on this rank; returns the final :class:`TrainState`."""
     from megatron_ext.training.errors import step_errors
     from megatron_ext.training.memory_report import out_of_memory_advice
-    from megatron_ext.training.session import run_step, setup
+    from megatron_ext.training.session import phase, run_step, setup
     from megatron_ext.training.state import sync_microbatch_calculator
 
     r = setup(job)
-    state, timers = r.state, r.timers
+    state = r.state
     stop_reason = r.stop.before_start(state)
     oom_advice = lambda: out_of_memory_advice(job, job.model_shape(r.data.vocab_size))  # noqa: E731
     last_log = time.perf_counter()
     with r.checkpointer.recording_status(state, r.stop):
         while stop_reason is None:
             sync_microbatch_calculator(state)  # a grown batch takes effect at this boundary
-            timers("data", log_level=1).start()
-            micro_batches = r.data.next_step(state)
-            timers("data").stop()
+            with phase(r, "data"):
+                micro_batches = r.data.next_step(state)
             call_hooks(r.components, "on_step_start", state)
             lr = r.lr_schedule.apply(state, r.lr_factor())
             with step_errors(state.iteration + 1, r.checkpointer.last_path, oom_advice):
@@ -67,15 +66,29 @@ def train(job):
                 r.log.iteration(state.iteration, job.training.train_iters, _step_metrics(
                     r, state, lr, loss, step, seconds, tokens_per_step, global_batch))
             if r.validator.due(state):
-                r.log.validation(state.iteration, r.validator.run(r.model))
+                r.log.evaluation(state.iteration, r.validator.run(r.model))
             stop_reason = r.stop.after_step(state, r.checkpointer.last_save_seconds)
             if r.checkpointer.due(state, stop_reason):
                 r.checkpointer.save(state, r)
+        _finish(r, state)
         r.log.announce(f"exiting after iteration {state.iteration}: {stop_reason}")
-    for component in r.components:
-        component.finish(r.is_log_rank)
     r.log.close()
     return state
+
+
+def _finish(r, state) -> None:
+    """The end of a run: components wrap up, the test split, a sample if asked for."""
+    for component in r.components:
+        component.finish(r.is_log_rank)
+    if r.tester.enabled:
+        r.log.evaluation(state.iteration, r.tester.run(r.model), split="test")
+    prompt = r.job.logging.sample_prompt
+    if prompt is not None:
+        from megatron_ext.training.sampling import greedy_sample
+
+        text = greedy_sample(r.model, r.data.tokenizer, prompt, r.job.logging.sample_length,
+                             r.job.model.seq_length, r.job.tp, r.device)
+        r.log.announce(f"sample after iteration {state.iteration}: {prompt!r} -> {text!r}")
 
 
 def _step_metrics(r, state, lr, loss, step, seconds, tokens_per_step, global_batch) -> dict:

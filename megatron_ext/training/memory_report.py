@@ -54,7 +54,7 @@ def print_memory_plan(job) -> None:
         return
     from megatron_ext.data.tokenizer import build_tokenizer
 
-    vocab_size = build_tokenizer(job.data.tokenizer_type, job.data.vocab_size).vocab_size
+    vocab_size = build_tokenizer(job.data).vocab_size
     shape, layout, mem = job.model_shape(vocab_size), parallel_layout(job), job.memory
     kw = mem.estimate_kwargs()
     est = estimate_memory(shape, layout, **kw)

@@ -1,7 +1,12 @@
-"""What the run prints and records: progress lines, TensorBoard scalars, JSON lines.
+"""What the run prints and records: progress lines, TensorBoard, JSON lines, W&B.
 
 Main API: :class:`MetricsLogger` (every line format of the training log lives here),
 :func:`tflops_per_gpu`, :func:`memory_gib`, :data:`TIMED_PHASES`.
+
+Every scalar goes to every sink the flags ask for (TensorBoard ``train/<name>``, a JSON line,
+Weights & Biases ``<name>``), so B_simple, the global batch and the GNS curves are in all of
+them. A W&B run resumed with ``--save`` continues the W&B run of the first attempt (its id
+is kept in ``<save>/wandb_run_id.txt``).
 
 Only one rank writes (the caller says which: the last pipeline stage's first TP/DP rank,
 which holds the loss). Per-phase times come from megatron-core's :class:`Timers`
@@ -42,6 +47,24 @@ def memory_gib() -> float:
         return float("nan")
 
 
+def _start_wandb(cfg, save_dir: Optional[str], run_config: dict):
+    """A W&B run (resumed when ``save_dir`` remembers one); the caller checked the import."""
+    import wandb
+
+    id_file = os.path.join(save_dir, "wandb_run_id.txt") if save_dir else None
+    run_id = None
+    if id_file and os.path.exists(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip() or None
+    run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_exp_name, dir=cfg.wandb_save_dir,
+                     config=run_config, id=run_id, resume="allow" if run_id else None)
+    if id_file and not run_id:
+        os.makedirs(save_dir, exist_ok=True)
+        with open(id_file, "w") as f:
+            f.write(run.id)
+    return run
+
+
 def _json_iteration(line: str) -> float:
     try:
         return json.loads(line).get("iteration", -1)
@@ -56,17 +79,20 @@ def _f(value: Optional[float]) -> float:
 class MetricsLogger:
     """Writes on one rank only (``enabled``); ``announce`` prints on global rank 0."""
 
-    def __init__(self, enabled: bool, tensorboard_dir: Optional[str], json_path: Optional[str]):
+    def __init__(self, enabled: bool, cfg, save_dir: Optional[str] = None,
+                 run_config: Optional[dict] = None):
+        """``cfg``: the LoggingConfig; ``run_config``: the job's settings for W&B."""
         self.enabled = enabled
-        self.writer = None
-        self.json_file = None
-        self.tensorboard_dir, self.json_path = tensorboard_dir, json_path
+        self.writer = self.json_file = self.wandb = None
+        self.tensorboard_dir, self.json_path = cfg.tensorboard_dir, cfg.log_json
         if not enabled:
             return
         self._open_tensorboard()
-        if json_path:
-            os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-            self.json_file = open(json_path, "a")
+        if self.json_path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.json_path)), exist_ok=True)
+            self.json_file = open(self.json_path, "a")
+        if cfg.wandb_project:
+            self.wandb = _start_wandb(cfg, save_dir, run_config or {})
 
     def _open_tensorboard(self, purge_step: Optional[int] = None) -> None:
         if not self.tensorboard_dir:
@@ -139,12 +165,14 @@ class MetricsLogger:
               f"{int(r['gns/skipped_samples'])}", flush=True)
         self.scalars(iteration, r)
 
-    def validation(self, iteration: int, loss: Optional[float]) -> None:
+    def evaluation(self, iteration: int, loss: Optional[float], split: str = "valid") -> None:
+        """The loss on the validation split (periodically) or the test split (at the end)."""
         if not self.enabled or loss is None:
             return
-        print(f" validation loss at iteration {iteration}: {loss:.6E} | "
+        name = "validation" if split == "valid" else split
+        print(f" {name} loss at iteration {iteration}: {loss:.6E} | "
               f"ppl: {math.exp(min(loss, 50)):.3f}", flush=True)
-        self.scalars(iteration, {"valid_lm_loss": loss})
+        self.scalars(iteration, {f"{split}_lm_loss": loss})
 
     def growth(self, iteration: int, global_batch: int, plan, reason: str) -> None:
         """A batch-growth decision (``plan``: the planner's Plan, or None)."""
@@ -164,8 +192,13 @@ class MetricsLogger:
         if self.json_file is not None:
             self.json_file.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
             self.json_file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                           step=iteration)
 
     def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()

@@ -2,7 +2,8 @@
 
 Main API: :func:`build_gpt` (config + core attention + model + DDP of a job),
 :func:`build_optimizer`, and underneath :func:`build_transformer_config`, :func:`build_model`,
-:func:`init_weights_by_name`.
+:func:`init_weights_by_name`, :func:`load_weights_by_name` (full weights, e.g. converted from
+HuggingFace, into this rank's shards).
 
 Everything that builds a GPT for training (the loop, the GNS tests, the benchmarks) calls
 :func:`build_gpt` with a :class:`~megatron_ext.training.job.JobConfig`; features change the
@@ -14,6 +15,7 @@ unsharded tensor is drawn from a generator seeded by (seed, global parameter nam
 rank keeps its tensor-parallel shard. A model therefore starts from the same weights
 whatever its TP/PP/DP layout, which makes "TP=2+SP, PP=2, DP=2 give the loss curve of
 TP=1" a testable property (Megatron's own init draws per pipeline stage, so PP changes it).
+The same naming lets :func:`load_weights_by_name` give every rank its shards of full tensors.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -31,6 +33,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.transformer.utils import openai_gelu
 
 from megatron_ext.model.layer_spec import get_gpt_block_spec, get_gpt_layer_spec
 from megatron_ext.model.norms import SPNorm
@@ -51,6 +54,12 @@ def _deferred_init(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+def _activation(m) -> Callable:
+    if m.swiglu:
+        return torch.nn.functional.silu
+    return openai_gelu if m.openai_gelu else torch.nn.functional.gelu
+
+
 def build_transformer_config(job) -> TransformerConfig:
     """megatron-core's TransformerConfig for a :class:`JobConfig`."""
     m, p, r, t = job.model, job.parallel, job.recompute, job.training
@@ -65,7 +74,7 @@ def build_transformer_config(job) -> TransformerConfig:
         normalization=m.normalization,
         layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=m.swiglu,
-        activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
+        activation_func=_activation(m),
         add_bias_linear=not m.disable_bias_linear,
         qk_layernorm=m.qk_layernorm,
         hidden_dropout=m.hidden_dropout,
@@ -126,6 +135,10 @@ def build_model(job, config: TransformerConfig, padded_vocab: int, core_attentio
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
         position_embedding_type=m.position_embedding_type,
         rotary_base=m.rotary_base,
+        rotary_percent=m.rotary_percent,
+        seq_len_interpolation_factor=m.rotary_seq_len_interpolation_factor,
+        rope_scaling=m.use_rope_scaling,
+        rope_scaling_factor=m.rope_scaling_factor,
         **options.model_kwargs,
     )
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -197,6 +210,15 @@ def _global_layer_prefixes(model: torch.nn.Module) -> Dict[str, int]:
     }
 
 
+def canonical_param_names(model: GPTModel) -> Dict[str, str]:
+    """``{parameter name: canonical name}`` of this rank's parameters (see
+    :func:`canonical_param_name`)."""
+    prefixes = _global_layer_prefixes(model)
+    tied = getattr(model, "share_embeddings_and_output_weights", False)
+    return {name: canonical_param_name(name, prefixes, tied)
+            for name, _ in model.named_parameters()}
+
+
 def canonical_param_name(name: str, layer_prefixes: Dict[str, int], tied_output: bool) -> str:
     """A name that is the same for a parameter under any pipeline split."""
     for prefix, number in layer_prefixes.items():
@@ -211,6 +233,25 @@ def canonical_param_name(name: str, layer_prefixes: Dict[str, int], tied_output:
 _SCALED_INIT = re.compile(r"(linear_proj|linear_fc2)\.weight$")
 
 
+def _assign_by_name(model: GPTModel, full_tensor: Callable) -> None:
+    """Set every parameter to this rank's TP shard of ``full_tensor(canonical name, full
+    shape, param)`` (the unsharded tensor, on the parameter's device)."""
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    tp_size = ps.get_tensor_model_parallel_world_size()
+    canonical = canonical_param_names(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            canon = canonical[name]
+            full_shape = list(param.shape)
+            sharded = getattr(param, "tensor_model_parallel", False)
+            if sharded:
+                full_shape[param.partition_dim] *= tp_size
+            full = full_tensor(canon, full_shape, param)
+            if sharded:
+                full = _tp_shard(full, param.partition_dim, getattr(param, "partition_stride", 1), tp_rank, tp_size)
+            param.copy_(full.to(param.dtype))
+
+
 def init_weights_by_name(model: GPTModel, config: TransformerConfig, seed: int) -> None:
     """Re-initialise every parameter from (seed, global name) and keep this rank's TP shard.
 
@@ -220,34 +261,38 @@ def init_weights_by_name(model: GPTModel, config: TransformerConfig, seed: int) 
     Values are drawn on the parameters' device with that device's generator, so a GPU run
     starts from other (but again layout-independent) weights than a CPU run of the same seed.
     """
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    tp_size = ps.get_tensor_model_parallel_world_size()
-    prefixes = _global_layer_prefixes(model)
-    tied = getattr(model, "share_embeddings_and_output_weights", False)
     std = config.init_method_std
     scaled_std = std / (2.0 * config.num_layers) ** 0.5
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            canon = canonical_param_name(name, prefixes, tied)
-            full_shape = list(param.shape)
-            sharded = getattr(param, "tensor_model_parallel", False)
-            if sharded:
-                full_shape[param.partition_dim] *= tp_size
-            dev = param.device
-            gen = torch.Generator(device=dev).manual_seed(
-                (seed * 1_000_003 + zlib.crc32(canon.encode())) % (2**63)
-            )
-            if canon.endswith("bias"):
-                full = torch.zeros(full_shape, device=dev)
-            elif param.dim() == 1:  # norm weights
-                fill = torch.zeros if config.layernorm_zero_centered_gamma else torch.ones
-                full = fill(full_shape, device=dev)
-            else:
-                sigma = scaled_std if _SCALED_INIT.search(canon) else std
-                full = torch.empty(full_shape, device=dev).normal_(0.0, sigma, generator=gen)
-            if sharded:
-                full = _tp_shard(full, param.partition_dim, getattr(param, "partition_stride", 1), tp_rank, tp_size)
-            param.copy_(full.to(param.dtype))
+
+    def draw(canon: str, full_shape, param) -> torch.Tensor:
+        dev = param.device
+        if canon.endswith("bias"):
+            return torch.zeros(full_shape, device=dev)
+        if param.dim() == 1:  # norm weights
+            fill = torch.zeros if config.layernorm_zero_centered_gamma else torch.ones
+            return fill(full_shape, device=dev)
+        gen = torch.Generator(device=dev).manual_seed(
+            (seed * 1_000_003 + zlib.crc32(canon.encode())) % (2**63))
+        sigma = scaled_std if _SCALED_INIT.search(canon) else std
+        return torch.empty(full_shape, device=dev).normal_(0.0, sigma, generator=gen)
+
+    _assign_by_name(model, draw)
+
+
+def load_weights_by_name(model: GPTModel, weights: Mapping[str, torch.Tensor]) -> None:
+    """Set every parameter from ``weights``: full (unsharded) tensors under canonical names
+    (:func:`canonical_param_name`: global layer numbers, TP=1 shapes); this rank keeps its
+    shards. A missing name or a wrong shape raises ``ValueError`` naming it."""
+    def take(canon: str, full_shape, param) -> torch.Tensor:
+        if canon not in weights:
+            raise ValueError(f"no weights for parameter {canon}")
+        full = weights[canon]
+        if list(full.shape) != list(full_shape):
+            raise ValueError(f"{canon}: weights of shape {list(full.shape)} for a parameter "
+                             f"of shape {list(full_shape)}")
+        return full.to(param.device)
+
+    _assign_by_name(model, take)
 
 
 def _tp_shard(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) -> torch.Tensor:

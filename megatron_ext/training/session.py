@@ -10,8 +10,9 @@ configured from the train state.
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 import torch
@@ -43,6 +44,7 @@ class Run:
     checkpointer: object
     stop: object
     validator: object
+    tester: object
     log: object
     timers: object
     forward_backward: object
@@ -54,6 +56,24 @@ class Run:
 
     def lr_factor(self) -> float:
         return self.batch_growth.lr_factor(self.state) if self.batch_growth else 1.0
+
+
+def _flat_config(job) -> dict:
+    """Every flag's value (for W&B's run config)."""
+    import dataclasses
+
+    from megatron_ext.training.job import SECTIONS
+
+    return {f.name: getattr(getattr(job, name), f.name)
+            for name, cls in SECTIONS for f in dataclasses.fields(cls) if f.init}
+
+
+def _profiler(job, log):
+    if not (job.logging.profile or job.logging.record_memory_history):
+        return None
+    from megatron_ext.training.profiling import Profiler
+
+    return Profiler(job.logging, torch.distributed.get_rank(), log)
 
 
 def _is_log_rank() -> bool:
@@ -71,7 +91,7 @@ def setup(job) -> Run:
     from megatron_ext.training import checkpointing
     from megatron_ext.training.checkpointer import Checkpointer
     from megatron_ext.training.components import build_components
-    from megatron_ext.training.data import TrainData, Validator
+    from megatron_ext.training.data import Evaluator, TrainData
     from megatron_ext.training.initialize import initialize_megatron
     from megatron_ext.training.lr_schedule import LRSchedule
     from megatron_ext.training.metrics import MetricsLogger
@@ -83,15 +103,17 @@ def setup(job) -> Run:
     t = job.training
     state = TrainState(job.model.seq_length, t.global_batch_size, t.micro_batch_size,
                        job.data_parallel_size)
-    log = MetricsLogger(_is_log_rank(), job.logging.tensorboard_dir, job.logging.log_json)
+    log = MetricsLogger(_is_log_rank(), job.logging, job.checkpoint.save, _flat_config(job))
     checkpointer = Checkpointer(job.checkpoint, log)
     resume_from = checkpointer.prepare()
     saved = checkpointing.peek_loop_state(resume_from) if resume_from else {}
-    data = TrainData(job, device, saved.get("data"),
-                     saved.get("train_state", {}).get("consumed_samples", 0))
+    progress = {} if checkpointer.finetune else saved  # finetune: data from sample 0
+    data = TrainData(job, device, progress.get("data"),
+                     progress.get("train_state", {}).get("consumed_samples", 0))
     shape = job.model_shape(data.vocab_size)
     padded_vocab = checkpointing.padded_vocab_to_use(saved, shape, job.tp, log)
     checkpointer.signature = checkpointing.model_signature(job.model, padded_vocab)
+    checkpointer.model_config = asdict(job.model)
     gns, growth = build_components(job, shape, log)
     built = build_gpt(job, padded_vocab, gns.model_options() if gns else None)
     gpt, model = built.gpt, built.ddp
@@ -102,11 +124,12 @@ def setup(job) -> Run:
     run = Run(job=job, device=device, state=state, data=data, gpt=gpt, model=model,
               optimizer=optimizer, lr_schedule=LRSchedule(job.schedule, job.optimizer, optimizer),
               checkpointer=checkpointer, stop=StopConditions(t, device),
-              validator=Validator(job, data, forward_backward),
+              validator=Evaluator(job, data, forward_backward, "valid"),
+              tester=Evaluator(job, data, forward_backward, "test"),
               log=log, timers=Timers(log_level=1, log_option="max"),
               forward_backward=forward_backward, flops_per_sample=shape.flops_per_sample(job.tp),
               is_log_rank=log.enabled, gns=gns, batch_growth=growth,
-              components=[c for c in (gns, growth) if c is not None])
+              components=[c for c in (gns, growth, _profiler(job, log)) if c is not None])
     if resume_from:
         checkpointer.resume(resume_from, state, run, keep_batch=growth is None)
         log.resume_at(state.iteration)
@@ -138,27 +161,36 @@ def run_step(run: Run, micro_batches: list) -> StepResult:
     Components see the gradients between the two (``after_backward``: reduced over DP,
     not yet clipped), which is where the GNS measurement reads them.
     """
-    state, timers = run.state, run.timers
+    state = run.state
     run.model.zero_grad_buffer()
     run.optimizer.zero_grad()
     t0 = time.perf_counter()
-    timers("forward-backward", log_level=1).start()
-    losses = run.forward_backward(
-        forward_step_func=run.data.forward_step, data_iterator=iter(micro_batches),
-        model=[run.model], num_microbatches=len(micro_batches),
-        seq_length=run.data.local_seq_length, micro_batch_size=state.micro_batch_size,
-        forward_only=False)
-    timers("forward-backward").stop()
-    timers("gns", log_level=1).start()
-    call_hooks(run.components, "after_backward", state)
-    timers("gns").stop()
-    timers("optimizer", log_level=1).start()
-    update_ok, grad_norm, _ = run.optimizer.step()
-    timers("optimizer").stop()
+    with phase(run, "forward-backward"):
+        losses = run.forward_backward(
+            forward_step_func=run.data.forward_step, data_iterator=iter(micro_batches),
+            model=[run.model], num_microbatches=len(micro_batches),
+            seq_length=run.data.local_seq_length, micro_batch_size=state.micro_batch_size,
+            forward_only=False)
+    with phase(run, "gns"):
+        call_hooks(run.components, "after_backward", state)
+    with phase(run, "optimizer"):
+        update_ok, grad_norm, _ = run.optimizer.step()
     if run.device == "cuda":
         torch.cuda.synchronize()
     return StepResult(losses, None if grad_norm is None else float(grad_norm), bool(update_ok),
                       time.perf_counter() - t0)
 
 
-__all__ = ["Run", "StepResult", "run_step", "setup"]
+@contextlib.contextmanager
+def phase(run: Run, name: str):
+    """Time a phase of the step with megatron-core's Timers (and mark it with NVTX)."""
+    from megatron_ext.training.profiling import nvtx_range
+
+    timer = run.timers(name, log_level=1)
+    timer.start()
+    with nvtx_range(name, run.job.logging.nvtx_ranges):
+        yield
+    timer.stop()
+
+
+__all__ = ["Run", "StepResult", "phase", "run_step", "setup"]
