@@ -323,3 +323,61 @@ def test_cli_module_entry_point():
     code = ("import sys, megatron_ext.memory_planner; "
             "assert 'torch' not in sys.modules and 'megatron.core' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- one report
+ANCHOR_4K = ["--num-layers", "8", "--hidden-size", "2048", "--num-attention-heads", "16",
+             "--seq-length", "4096", "--attention-backend", "local"]
+
+
+def _requested_and_ranked(out):
+    """(GiB of the "(requested)" recompute line, GiB of the ranking's requested row)."""
+    req = next(ln for ln in out.splitlines() if ln.startswith("[") and "(requested)" in ln)
+    row = next((ln for ln in out.splitlines() if "(requested, #" in ln), None)
+    gib = float(req.split(": ")[-1].split(" GiB")[0])
+    return gib, None if row is None else float(row.split("peak")[1].split("GiB")[0])
+
+
+def test_ranking_keeps_requested_flags_and_layout(capsys):
+    """Regression (issue 15): at 4k with --attention-backend local the requested layout
+    printed 28.71 GiB and the same layout in the ranking 13.57 GiB (priced as flash)."""
+    main(ANCHOR_4K + ["--hidden-dropout", "0.1"])  # Megatron-LM's dropout: the issue's numbers
+    out = capsys.readouterr().out
+    req, ranked = _requested_and_ranked(out)
+    assert req == ranked == pytest.approx(28.71, abs=0.01)
+    rows = [ln for ln in out.splitlines() if ln.startswith("  cost")]
+    assert rows and all("attention=local" in ln for ln in rows)
+    # full recompute with block/4 is priced with block/4 in the ranking too
+    main(ANCHOR_4K + ["--recompute-granularity", "full", "--recompute-method", "block",
+                      "--recompute-num-layers", "4", "--swiglu", "--num-query-groups", "4"])
+    out = capsys.readouterr().out
+    req, ranked = _requested_and_ranked(out)
+    assert req == ranked
+    assert "recompute=full/block/4" in out and "full/uniform" not in out
+
+
+def test_ranking_says_when_requested_does_not_fit(capsys):
+    main(ANCHOR_4K[:7] + ["16384", "--attention-backend", "local", "--hidden-dropout", "0.1",
+                          "--recompute-granularity", "full", "--gpu-memory-gb", "79.6",
+                          "--world-size", "8"])
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "the requested layout does not fit" in out
+    assert "(requested, #" not in out and "  cost" in out  # tp > 1 layouts fit
+
+
+@pytest.mark.parametrize("flags", [ANCHOR_4K, ANCHOR_4K[:7] + [
+    "16384", "--attention-backend", "local", "--recompute-granularity", "full",
+    "--hidden-dropout", "0.1", "--gpu-memory-gb", "79.6"]])
+def test_plan_memory_and_cli_agree(flags, capsys):
+    """`--plan-memory` prints the CLI's report for the same flags (4k/16k anchors)."""
+    from megatron_ext.training.job import parse_job
+    from megatron_ext.training.memory_report import print_memory_plan
+
+    job = parse_job(flags + ["--max-position-embeddings", flags[7], "--mock-data",
+                             "--micro-batch-size", "1", "--plan-memory"], world_size=1)
+    print_memory_plan(job, vocab_size=50304)
+    training = capsys.readouterr().out
+    main(flags)
+    cli = capsys.readouterr().out
+    assert cli.strip() in training
+    assert "(requested)" in cli and ("fastest fitting layouts" in cli or "no layout" in cli)

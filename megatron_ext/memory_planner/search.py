@@ -88,8 +88,10 @@ def _pow2_divisors(n: int, cap: int) -> List[int]:
 
 
 def candidate_layouts(model: ModelShape, world_size: int, global_batch_size: int,
-                      attention: str = "flash") -> List[ParallelLayout]:
-    """Megatron-valid layouts for `world_size` GPUs and a global batch (powers of two)."""
+                      attention: str = "flash", recompute_method: str = "uniform",
+                      recompute_num_layers: int = 1) -> List[ParallelLayout]:
+    """Megatron-valid layouts for `world_size` GPUs and a global batch (powers of two), with
+    the given attention kind and full-recompute method / layers."""
     out = []
     for tp in _pow2_divisors(world_size, 8):  # TP stays inside one 8-GPU node
         if model.num_attention_heads % tp or model.num_query_groups % tp:
@@ -114,19 +116,29 @@ def candidate_layouts(model: ModelShape, world_size: int, global_batch_size: int
                             tp=tp, pp=pp, dp=dp, cp=cp, sequence_parallel=tp > 1,
                             micro_batch_size=mbs, num_microbatches=m,
                             recompute_granularity=gran, distributed_optimizer=dp * cp > 1,
-                            attention=attention))
+                            recompute_method=recompute_method,
+                            recompute_num_layers=recompute_num_layers, attention=attention))
     return out
 
 
 def best_config(model: ModelShape, world_size: int, gpu_memory_bytes: float,
                 global_batch_size: int, candidates: Optional[Iterable[ParallelLayout]] = None,
+                requested: Optional[ParallelLayout] = None,
                 **estimate_kw) -> List[Tuple[ParallelLayout, MemoryEstimate, float]]:
     """Layouts that fit, as (layout, estimate, relative cost), fastest first.
 
-    `candidates` defaults to `candidate_layouts(...)`; ties are broken by lower memory.
+    `candidates` defaults to `candidate_layouts(...)` with the attention kind and the
+    full-recompute method / layers of `requested` (flash, uniform, 1 without one), so the
+    ranking prices what was asked for; `requested` itself is always a candidate. Ties are
+    broken by lower memory.
     """
     if candidates is None:
-        candidates = candidate_layouts(model, world_size, global_batch_size)
+        r = requested or ParallelLayout()
+        candidates = candidate_layouts(model, world_size, global_batch_size, r.attention,
+                                       r.recompute_method, r.recompute_num_layers)
+    candidates = list(candidates)
+    if requested is not None and requested not in candidates:
+        candidates.append(requested)
     ranked = []
     for layout in candidates:
         est = estimate_memory(model, layout, **estimate_kw)

@@ -10,6 +10,7 @@ import os
 from megatron_ext.memory_planner import (
     GIB, ParallelLayout, estimate_memory, longest_sequence, max_micro_batch_size)
 from megatron_ext.memory_planner.estimate import expandable_segments_enabled
+from megatron_ext.memory_planner.report import attention_kind, plan_report
 
 
 def parallel_layout(job) -> ParallelLayout:
@@ -23,7 +24,7 @@ def parallel_layout(job) -> ParallelLayout:
         recompute_method=r.recompute_method or "uniform",
         recompute_num_layers=r.recompute_num_layers or 1,
         distributed_optimizer=job.parallel.use_distributed_optimizer,
-        attention="local" if job.attention.attention_backend == "local" else "flash")
+        attention=attention_kind(job.attention.attention_backend))
 
 
 def out_of_memory_advice(job, shape) -> str:
@@ -49,22 +50,25 @@ def out_of_memory_advice(job, shape) -> str:
             + ", ".join(tips) + " (python -m megatron_ext.memory_planner ... compares them)")
 
 
-def print_memory_plan(job) -> None:
+def print_memory_plan(job, vocab_size=None) -> None:
+    """``--plan-memory``: the memory planner's report of this job (the same text as
+    ``python -m megatron_ext.memory_planner`` with the same flags), then the verdict.
+    ``vocab_size``: the tokenizer's (default: build the job's tokenizer)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    from megatron_ext.data.tokenizer import build_tokenizer
+    if vocab_size is None:
+        from megatron_ext.data.tokenizer import build_tokenizer
 
-    vocab_size = build_tokenizer(job.data).vocab_size
+        vocab_size = build_tokenizer(job.data).vocab_size
     shape, layout, mem = job.model_shape(vocab_size), parallel_layout(job), job.memory
-    kw = mem.estimate_kwargs()
+    kw, budget = mem.estimate_kwargs(), mem.gpu_memory_bytes
     est = estimate_memory(shape, layout, **kw)
-    budget = mem.gpu_memory_bytes
     slack = ("expandable segments: no block slack" if expandable_segments_enabled()
              else "fragmentation includes one largest block; set PYTORCH_CUDA_ALLOC_CONF="
                   "expandable_segments:True to reduce it")
     print(f"> memory plan (per GPU, {mem.gpu_memory_gb:g} GiB budget; {slack}):")
-    print(est.as_table())
+    print(plan_report(shape, layout, mem))
     verdict = "fits" if est.total <= budget else "DOES NOT FIT"
-    print(f"> predicted peak {est.total / GIB:.2f} GiB: {verdict}")
+    print(f"> predicted peak of the requested layout {est.total / GIB:.2f} GiB: {verdict}")
     print(f"> largest micro-batch that fits: {max_micro_batch_size(shape, layout, budget, **kw)}")
     print(f"> longest sequence that fits: {longest_sequence(shape, layout, budget, **kw)} tokens")
