@@ -13,7 +13,11 @@ the BatchController and prints every growth decision:
 The model is a megatron_ext.cost_model.ModelShape built from Megatron's model flags (a
 --model preset fills layers, width and heads): its FLOPs per sample and parameter count feed
 the step-time model, and megatron_ext.memory_planner picks the largest micro-batch that fits
-(unless --max-micro-batch-size is given).
+for this sequence length, recompute, attention backend and layout (unless
+--max-micro-batch-size is given). The planner then runs each global batch with the split
+(micro-batch x accumulation) its step-time model finds fastest; the `split` column is that
+split's efficiency against an unconstrained one, and batches below --min-split-efficiency
+(e.g. a prime per-rank batch forced to micro-batch 1) are not grown to.
 """
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ from megatron_ext.batch_growth import (  # noqa: E402
     BatchController, BatchGrowthConfig, BatchPlanner, add_batch_growth_args, parse_topology)
 from megatron_ext.batch_growth.controller import Progress  # noqa: E402
 from megatron_ext.cost_model import ModelShape, add_model_shape_args  # noqa: E402
+from megatron_ext.batch_growth.step_time import DEFAULT_OVERHEAD_TOKENS  # noqa: E402
 from megatron_ext.memory_planner import GIB, ParallelLayout, max_micro_batch_size  # noqa: E402
+from megatron_ext.memory_planner.report import attention_kind  # noqa: E402
 
 # GPT-3 paper shapes (Brown et al. 2020) with Megatron head counts.
 MODEL_PRESETS = {
@@ -50,7 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-micro-batch-size", type=int, default=None,
                    help="default: the memory planner's largest micro-batch that fits")
     m.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    m.add_argument("--attention-backend", default="auto",
+                   help="local/unfused materialise the s x s scores (memory planner)")
+    m.add_argument("--sequence-parallel", action="store_true")
     m.add_argument("--distributed-optimizer", action="store_true")
+    m.add_argument("--overhead-tokens", type=float, default=DEFAULT_OVERHEAD_TOKENS,
+                   help="per-micro-batch cost in tokens of the efficiency curve (an "
+                        "assumption; see megatron_ext/batch_growth/step_time.py)")
+    m.add_argument("--min-split-efficiency", type=float, default=0.95,
+                   help="do not grow to batches whose best split is slower than this "
+                        "fraction of an unconstrained one (0: any runnable batch)")
     s = p.add_argument_group("simulation")
     s.add_argument("--global-batches", type=str, default=None, help="e.g. 256,512,1024")
     s.add_argument("--bnoise-path", type=str, default=None,
@@ -78,8 +93,10 @@ def max_micro_batch(args, shape: ModelShape, topo, dp):
     if args.max_micro_batch_size:
         return args.max_micro_batch_size, "--max-micro-batch-size"
     layout = ParallelLayout(tp=args.tp, pp=args.pp, dp=dp, num_microbatches=max(1, args.pp),
+                            sequence_parallel=args.sequence_parallel,
                             recompute_granularity=args.recompute_granularity,
-                            distributed_optimizer=args.distributed_optimizer)
+                            distributed_optimizer=args.distributed_optimizer,
+                            attention=attention_kind(args.attention_backend))
     mbs = max_micro_batch_size(shape, layout, int(topo.gpu_memory_gb * GIB), limit=64)
     return mbs, "megatron_ext.memory_planner"
 
@@ -88,15 +105,16 @@ def fmt_row(cols, widths):
     return "  ".join(str(c).rjust(w) for c, w in zip(cols, widths))
 
 
-HEAD = ["global_batch", "mbs", "accum", "dp", "reduction", "step_s", "tokens/s", "exposed_ms"]
-WID = [12, 4, 5, 4, 12, 8, 11, 10]
+HEAD = ["global_batch", "mbs", "accum", "dp", "reduction", "step_s", "tokens/s", "exposed_ms",
+        "split"]
+WID = [12, 4, 5, 4, 12, 8, 11, 10, 5]
 
 
 def plan_cols(plan):
     return [plan.global_batch, plan.micro_batch_size, plan.num_microbatches, plan.dp_size,
             plan.reduction, f"{plan.predicted_step_time_s:.3f}",
             f"{plan.predicted_tokens_per_s:,.0f}",
-            f"{plan.breakdown['exposed_comm_s'] * 1e3:.1f}"]
+            f"{plan.breakdown['exposed_comm_s'] * 1e3:.1f}", f"{plan.split_efficiency:.2f}"]
 
 
 def run_path(planner, batches):
@@ -161,14 +179,18 @@ def simulate(args):
     planner = BatchPlanner(flops, params, topo, dp_size=dp, tp_size=args.tp, pp_size=args.pp,
                            max_micro_batch_size=mbs, seq_length=args.seq_length,
                            mfu_assumed=args.mfu_assumed,
-                           distributed_optimizer=args.distributed_optimizer)
+                           distributed_optimizer=args.distributed_optimizer,
+                           overhead_tokens=args.overhead_tokens,
+                           min_split_efficiency=args.min_split_efficiency)
     print(f"model: {args.model or 'custom'} l={shape.num_layers} h={shape.hidden_size} "
           f"a={shape.num_attention_heads} groups={shape.num_query_groups} "
           f"s={shape.seq_length} V={shape.padded_vocab(args.tp)}: "
           f"{params / 1e9:.2f} B params, {flops / 1e12:.1f} TFLOP/sample (fwd+bwd)")
     print(f"cluster: {topo.describe()}")
     print(f"layout: dp={dp} tp={args.tp} pp={args.pp}, max micro-batch {mbs} ({mbs_src}), "
-          f"MFU assumed {args.mfu_assumed}")
+          f"MFU assumed {args.mfu_assumed} at large micro-batches")
+    print(f"{planner.describe()}; growth skips batches with split efficiency < "
+          f"{args.min_split_efficiency:g}")
     if args.global_batches:
         run_path(planner, [int(x) for x in args.global_batches.split(",") if x.strip()])
     if args.bnoise_path:

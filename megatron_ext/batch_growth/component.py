@@ -36,9 +36,12 @@ class BatchGrowthComponent(Component):
         self.lr_scaler = LRScaler(config.lr_scaling, initial_global_batch)
         self._b_simple = b_simple
         self.log = log
+        self.planner = planner
+        self._step_times = None  # (predicted before the step was measured, measured) seconds
 
     def describe(self) -> str:
-        return f"batch growth: {self.config.batch_growth}, lr scaling: {self.config.lr_scaling}"
+        return (f"batch growth: {self.config.batch_growth}, lr scaling: {self.config.lr_scaling}"
+                + (f"; {self.planner.describe()}" if self.planner is not None else ""))
 
     def lr_factor(self, state) -> float:
         return self.lr_scaler.factor(state.global_batch_size, self._b_simple())
@@ -46,6 +49,10 @@ class BatchGrowthComponent(Component):
     def after_step(self, state, step_time_s: float) -> None:
         progress = Progress(state.iteration, state.consumed_samples, state.consumed_tokens,
                             state.global_batch_size)
+        if self.planner is not None:  # prediction first, so its error shows in metrics()
+            mbs, m = state.micro_batch_size, state.num_microbatches
+            self._step_times = (self.planner.predict_step_time(mbs, m), step_time_s)
+            self.planner.observe(mbs, m, step_time_s)
         new = self.controller.step(progress, self._b_simple(), step_time_s)
         if new is None:
             return
@@ -54,13 +61,24 @@ class BatchGrowthComponent(Component):
         decision = self.controller.last_decision
         self.log.growth(state.iteration, new, plan, decision.reason if decision else "")
 
+    def metrics(self, state) -> dict:
+        """The planner's step time predicted before the last step ran, beside the measured."""
+        pred, measured = self._step_times or (None, None)
+        if pred is None or not measured:
+            return {}
+        return {"predicted_step_time_ms": pred * 1e3, "measured_step_time_ms": measured * 1e3,
+                "step_time_prediction_error": pred / measured - 1.0}
+
     def state_dict(self) -> dict:
         return {"controller": self.controller.state_dict(),
-                "lr_scaler": self.lr_scaler.state_dict()}
+                "lr_scaler": self.lr_scaler.state_dict(),
+                "step_time": self.planner.step_time.state_dict() if self.planner else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.controller.load_state_dict(state["controller"])
         self.lr_scaler.load_state_dict(state["lr_scaler"])
+        if self.planner is not None and state.get("step_time"):
+            self.planner.load_step_time(state["step_time"])
 
 
 __all__ = ["BatchGrowthComponent"]

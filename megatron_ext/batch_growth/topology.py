@@ -1,9 +1,11 @@
 """Cluster topology for the step-time model.
 
 Main API: `Topology` (dataclass), `parse_topology(spec)` for `--topology` strings such as
-`nodes=8,gpus_per_node=8,nvlink_GBps=600,ib_Gbps=8x200,gpu=A100-80GB`, and `detect()`,
+`nodes=8,gpus_per_node=8,nvlink_GBps=600,ib_Gbps=8x200,gpu=A100-80GB`, `detect()`,
 which reads LOCAL_WORLD_SIZE / WORLD_SIZE, `nvidia-smi topo -m` and
-/sys/class/infiniband/*/ports/*/rate and records what it found in `Topology.source`.
+/sys/class/infiniband/*/ports/*/rate and records what it found in `Topology.source`, and
+`predict_reduction_times(topology, grad_bytes, dp_size, tp_size)`: seconds of a flat and of a
+hierarchical gradient all-reduce over the data-parallel group.
 
 Units: `intra_node_bw_GBps` is the per-GPU NVLink figure as marketed (both directions
 summed, e.g. 600 GB/s for A100); the cost model uses half of it per direction.
@@ -94,6 +96,43 @@ class Topology:
     def load_state_dict(self, state: Mapping) -> None:
         for k, v in state.items():
             setattr(self, k, v)
+
+
+def dp_layout(topology: Topology, dp_size: int, tp_size: int = 1):
+    """(dp ranks per node, nodes spanned by one dp group). Megatron orders ranks tp-fastest,
+    so a node holds gpus_per_node // tp ranks of each dp group."""
+    per_node = max(1, min(dp_size, topology.gpus_per_node // tp_size))
+    return per_node, -(-dp_size // per_node)
+
+
+def predict_reduction_times(topology: Topology, grad_bytes: float, dp_size: int,
+                            tp_size: int = 1) -> Dict[str, float]:
+    """Predicted seconds of each gradient all-reduce algorithm over the dp group:
+    {"none": 0} for dp = 1, {"flat": t} inside one node, else {"flat", "hierarchical"}.
+
+    Ring all-reduce: 2(n-1)/n * bytes / bw + 2(n-1) * latency (Patarasuk & Yuan 2009).
+    Every GPU of a node reduces at the same time, so each gets 1/gpus_per_node of the
+    node's NIC bandwidth. `flat` runs one ring per local rank (NCCL-style multi-ring), so
+    each GPU pushes 1/g of its traffic over the network and the rest over NVLink.
+    `hierarchical`: reduce-scatter over NVLink, all-reduce of the 1/g shard across nodes,
+    all-gather over NVLink (megatron-core's distributed optimizer with one instance per
+    node: shard within an instance, all-reduce across instances).
+    """
+    t, n = topology, dp_size
+    if n == 1:
+        return {"none": 0.0}
+    nvlink = t.intra_node_bw_GBps / 2 * 1e9          # one direction
+    nic_per_gpu = t.inter_node_bw_GBps * 1e9 / t.gpus_per_node
+    a_in, a_out = t.intra_node_latency_us * 1e-6, t.inter_node_latency_us * 1e-6
+    g, nodes = dp_layout(t, n, tp_size)
+    ring = 2 * (n - 1) / n
+    if nodes == 1:
+        return {"flat": ring * grad_bytes / nvlink + 2 * (n - 1) * a_in}
+    flat = ring * grad_bytes * max(1 / (g * nic_per_gpu), (g - 1) / g / nvlink) \
+        + 2 * (n - 1) * a_out
+    hier = (2 * (g - 1) / g * grad_bytes / nvlink + 2 * (g - 1) * a_in
+            + 2 * (nodes - 1) / nodes * (grad_bytes / g) / nic_per_gpu + 2 * (nodes - 1) * a_out)
+    return {"flat": flat, "hierarchical": hier}
 
 
 def gpu_preset(name: str) -> str:

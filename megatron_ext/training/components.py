@@ -32,7 +32,7 @@ def build_planner(job, shape) -> BatchPlanner:
         shape.flops_per_sample(job.tp), shape.num_params(job.tp), topology,
         dp_size=job.data_parallel_size, tp_size=job.tp, pp_size=job.pp,
         max_micro_batch_size=_max_micro_batch(job, shape), seq_length=job.model.seq_length,
-        mfu_assumed=cfg.mfu_assumed,
+        mfu_assumed=cfg.mfu_assumed, device_model=torch.cuda.is_available(),
         distributed_optimizer=job.parallel.use_distributed_optimizer)
 
 
