@@ -22,7 +22,8 @@ def _max_micro_batch(job, shape) -> int:
     from megatron_ext.training.memory_report import parallel_layout
 
     budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    return max(micro, max_micro_batch_size(shape, parallel_layout(job), budget))
+    return max(micro, max_micro_batch_size(shape, parallel_layout(job), budget,
+                                           **job.memory.estimate_kwargs()))
 
 
 def build_planner(job, shape) -> BatchPlanner:
