@@ -185,3 +185,15 @@ def test_component_reports_prediction_beside_measurement():
                                  256, q, b_simple=lambda: None, log=None)
     fresh.load_state_dict(comp.state_dict())
     assert q.predict_step_time(4, 1) == pytest.approx(p.predict_step_time(4, 1))
+
+
+def test_estimator_replaces_warmup_step_then_averages():
+    from megatron_ext.batch_growth.step_time import StepTimeEstimator
+
+    est = StepTimeEstimator(None, overhead_tokens=0.0, ema=0.5)
+    assert est.micro_batch_time(100) is None
+    for seconds in (9.0, 1.0, 3.0):  # warm-up 9 s is dropped; then EMA 0.5
+        est.observe(1, 1, tokens=100, slots=1, fixed_s=0.0, seconds=seconds)
+    assert est.micro_batch_time(100) == pytest.approx(2.0)
+    est.observe(1, 1, tokens=100, slots=1, fixed_s=0.0, seconds=-1)  # ignored
+    assert est.points["1,1"][4] == 3

@@ -17,7 +17,8 @@ GPU step yet). With it micro-batch 1 at s = 2048 runs at 80% and micro-batch 8 a
 asymptotic rate; the planner's `mfu_assumed` is the MFU at that asymptote. Measured step
 times replace both (`fit`): calibrate it on a GPU by running two micro-batch sizes.
 
-Fit. Per (micro-batch, accumulation) the estimator keeps an EMA of the measured step time.
+Fit. Per (micro-batch, accumulation) the estimator keeps an EMA of the measured step time
+(the first measurement of a split, a warm-up step, is replaced by the second).
 The part the planner models separately (`fixed_s`: exposed gradient communication and the
 optimizer step; 0 where there is no model for the device) is subtracted and the rest divided
 by the micro-batch slots the step runs (m + pp - 1 with 1F1B, Narayanan et al. 2021), which
@@ -68,7 +69,10 @@ class StepTimeEstimator:
             return
         key = f"{int(mbs)},{int(m)}"
         old = self.points.get(key)
-        ema_s = seconds if old is None else self.ema * old[3] + (1 - self.ema) * seconds
+        # The first step of a split pays warm-up (allocator growth, autotuning, first
+        # communicator use): the second measurement replaces it instead of averaging.
+        fresh = old is None or old[4] == 1
+        ema_s = seconds if fresh else self.ema * old[3] + (1 - self.ema) * seconds
         self.points[key] = [float(tokens), float(slots), float(fixed_s), ema_s,
                             1 if old is None else old[4] + 1]
         self._fitted = None
