@@ -46,6 +46,30 @@ logger = logging.getLogger(__name__)
 
 _warned: set = set()
 _SDPA_PLANS: dict = {}  # (dtype, head_dim, gqa, dropout) -> first SDPA plan that ran
+_SDPA_FUSED = ("flash", "cudnn", "efficient")  # fused SDPA kernels allowed (names below)
+_SDPA_ORDER: tuple = ()  # their priority when set; () keeps PyTorch's own order
+
+
+def set_sdpa_priority(names) -> None:
+    """Order in which SDPA tries its fused kernels: names from "cudnn", "flash",
+    "efficient" (e.g. ``("cudnn", "flash", "efficient")``); empty restores PyTorch's own
+    order. cuDNN attention is allowed either way (the benchmarks compare the orders)."""
+    names = tuple(n for n in names if n)
+    bad = [n for n in names if n not in _SDPA_FUSED]
+    if bad:
+        raise ValueError(f"SDPA backends {bad}: choose from {', '.join(_SDPA_FUSED)}")
+    global _SDPA_ORDER
+    _SDPA_ORDER = names
+    _SDPA_PLANS.clear()
+
+
+def _sdpa_fused_backends() -> list:
+    from torch.nn.attention import SDPBackend
+
+    by_name = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": getattr(SDPBackend, "CUDNN_ATTENTION", None)}  # torch >= 2.2
+    names = _SDPA_ORDER + tuple(n for n in _SDPA_FUSED if n not in _SDPA_ORDER)
+    return [by_name[n] for n in names if by_name[n] is not None]
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -144,7 +168,7 @@ class FlashCoreAttention(MegatronModule):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kwargs)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        fused = _sdpa_fused_backends()
         # Try, in order: fused kernels with native GQA; fused kernels on repeated K/V (the
         # efficient kernel takes fp32 but not enable_gqa); the math kernel. The first plan that
         # works for this (dtype, head_dim, gqa) is remembered, so failures are paid once.
@@ -165,7 +189,7 @@ class FlashCoreAttention(MegatronModule):
                 )
             backends = [SDPBackend.MATH] if plan == "math" else fused
             try:
-                with sdpa_kernel(backends):
+                with sdpa_kernel(backends, set_priority=bool(_SDPA_ORDER) and plan != "math"):
                     out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kwargs)
             except RuntimeError:
                 if plan == plans[-1]:
