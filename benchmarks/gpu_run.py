@@ -83,6 +83,7 @@ def plan_stages(args, cuda: bool) -> List[Stage]:
         pre = ["--bf16", "--num-layers", "8", "--hidden-size", "2048",
                "--num-attention-heads", "16", "--seq-length", "4096", "--micro-batch-size", "1",
                "--global-batch-size", "8", "--train-iters", "12", "--log-interval", "4",
+               "--eval-iters", "2",
                "--lr", "3e-4", "--make-vocab-size-divisible-by", "128"]
         long = ["--seq-lengths", "4096,16384,65536", "--recompute", "none,full",
                 "--memory-cap-gb", "80", "--global-tokens", "65536", "--steps", "2",
@@ -253,12 +254,13 @@ def env_stage(rec: Recorder, args, env: dict) -> dict:
     t0 = time.monotonic()
     site = Path(args.work_dir) / "site"
     site.mkdir(parents=True, exist_ok=True)
-    wheels = find_wheels(args.wheels)
+    wheels, pip_rc = find_wheels(args.wheels), 0
     if wheels:
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(site), *wheels]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        rec.line("env", f"pip install {len(wheels)} wheel(s): exit {r.returncode} "
+        pip_rc = r.returncode
+        rec.line("env", f"pip install {len(wheels)} wheel(s): exit {pip_rc} "
                         f"{r.stderr.strip()[-500:]}")
     stage_package(site)
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), env.get("PYTHONPATH", "")])
@@ -271,15 +273,43 @@ def env_stage(rec: Recorder, args, env: dict) -> dict:
         q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
                             "--format=csv,noheader"], capture_output=True, text=True)
         info["nvidia_smi"] = q.stdout.strip()
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                         text=True)
-    info["commit"] = git.stdout.strip() or None
+    if shutil.which("git"):
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True)
+        info["commit"] = git.stdout.strip() or None
     (rec.out / "env.json").write_text(json.dumps(info, indent=2))
     rec.line("env", json.dumps(info))
     rec.row(dict(info, stage="env"))
-    ok = r.returncode == 0
-    return info, dict(stage="env", status="ok" if ok else "failed (probe)",
+    status = "ok" if r.returncode == 0 and pip_rc == 0 else \
+        f"failed ({'pip install' if pip_rc else 'probe'})"
+    return info, dict(stage="env", status=status,
                       seconds=round(time.monotonic() - t0, 1))
+
+
+_DIGEST = {  # stage -> the fields worth a line at the end of the output
+    "kernel_smoke": ("b", "s", "d_in", "d_out", "accuracy_ok", "dw_max_rel_err",
+                     "norm_max_rel_err"),
+    "kernel_table": ("b", "s", "d_in", "d_out", "timing", "fused/cublas", "triton_dw/cublas",
+                     "fused/triton_dw", "route", "route/cublas"),
+    "gns_overhead": ("measure_interval", "step_s_off", "step_s_on", "ratio_on_off"),
+    "pretrain": ("iteration", "ms_per_iteration", "tokens_per_s", "tflops_per_gpu", "mem_gib"),
+    "long_context": ("recompute", "seq_length", "status", "mfu", "peak_reserved_gib",
+                     "allocator_limit_gib"),
+    "gpu_tests": ("passed", "failed", "skipped", "error", "errors"),
+}
+
+
+def digest(rows_path: Path) -> List[str]:
+    """One short line per measured row (the device tool returns only the output's tail)."""
+    lines = []
+    for text in rows_path.read_text().splitlines():
+        row = json.loads(text)
+        keys = _DIGEST.get(row.get("stage"))
+        if keys and "event" not in row:
+            vals = [f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row[k]}"
+                    for k in keys if k in row]
+            lines.append(f"{row['stage']}: " + " ".join(vals))
+    return lines
 
 
 # ----------------------------------------------------------------------------- driver
@@ -333,6 +363,9 @@ def main(argv=None) -> int:
                              + " ".join(stage.argv[1:]))
         rec.stage_end(run_stage(rec, stage, timeout, env))
     total = time.monotonic() - start
+    print("\n== gpu_run digest (all rows: rows.jsonl) ==")
+    for line in digest(rec.out / "rows.jsonl"):
+        print(line)
     print("\n== gpu_run summary ({:.0f} s of {:.0f} s) ==".format(total, args.budget_s))
     for s in rec.stages:
         print(f"{s['stage']:>13}: {s['status']} ({s['seconds']} s)")

@@ -8,8 +8,9 @@ slot of ``SelfAttentionSubmodules`` + a description of the path that will run) a
 Why: megatron-core's ``DotProductAttention`` materialises the ``[b, np, s, s]`` score tensor
 (O(s^2) memory) and refuses context parallelism; without Transformer Engine the only fused
 attention is flash-attn (Dao et al., https://arxiv.org/abs/2205.14135) or PyTorch's
-``scaled_dot_product_attention`` (flash / memory-efficient kernels). Both compute the softmax in
-fp32 on-chip, never store the scores, and support GQA without repeating K/V.
+``scaled_dot_product_attention`` (flash / cuDNN / memory-efficient kernels, ordered by
+:func:`set_sdpa_priority`). Both compute the softmax in fp32 on-chip, never store the scores,
+and support GQA without repeating K/V.
 
 Semantics (match ``DotProductAttention``): inputs ``[s, b, np, hn]`` for queries and
 ``[s, b, ng, hn]`` for keys/values (this TP rank's heads; query head ``i`` uses K/V group
