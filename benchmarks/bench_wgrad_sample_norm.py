@@ -2,14 +2,15 @@
 
 Usage:
     python benchmarks/bench_wgrad_sample_norm.py [--calls 20] [--reps 5] [--warmup 3]
-        [--shapes "8,2048,2048,8192;1,32768,4096,4096"] [--naive] [--no-graphs]
+        [--shapes "8,2048,2048,8192;1,32768,4096,4096"] [--naive] [--main-grad] [--no-graphs]
         [--jsonl rows.jsonl] [--out res.json] [--cpu-smoke]
 
 Main API: ``bench_shape(...) -> dict`` (one row), ``time_calls`` (the timing method).
 
 How it times (honest timings, issue 14): a call's device time is N back-to-back launches
-between two CUDA events divided by N (no synchronisation between calls, so the GPU never
-waits on Python unless the host is slower than the kernel), median of --reps such windows.
+between two CUDA events divided by N (no synchronisation between calls; the GPU first spins
+for ~2x the launch loop's host time, so all N launches are queued before the window opens
+and the GPU never waits on Python), median of --reps such windows.
 Where the call can be captured, the same N calls also run as one CUDA graph replay, which
 removes the host launch work altogether; the ratios use the graph times when every route of
 the row was captured, else the event times (`timing` says which). The host overhead per call
@@ -21,6 +22,7 @@ Routes timed per (b, s, d_in, d_out), bf16, sequence-first [s, b, h] activations
     cublas      dyᵀx as one [s*b]-deep GEMM (no per-sample norms): the target
     triton_dw   the fused kernel with its per-sample epilogue compiled out (dW only)
     fused       wgrad_sample_norms(x, dy): dW + ‖dW_i‖² for every sample
+    fused_main_grad (--main-grad) the same adding dW into an fp32 main_grad (Megatron)
     bmm_norm, ghost (--naive) per-sample bmm then norms; ghost-norm identity + cuBLAS dW
 and the GNS route the chooser (`megatron_ext.gns.routes.select_route`) picks for the shape
 (`route: n/a` where that module is absent). One JSON line per shape is printed (and appended
@@ -59,9 +61,15 @@ def _parse_shapes(text, smoke=False):
     return [tuple(int(v) for v in part.split(",")) for part in text.split(";") if part.strip()]
 
 
-def _events_ms(fn, calls):
-    """(device ms per call, host µs per call) of `calls` back-to-back launches."""
+def _events_ms(fn, calls, queue_ahead_s=0.0):
+    """(device ms per call, host µs per call) of `calls` back-to-back launches.
+
+    With queue_ahead_s > 0 the GPU first spins about that long (torch.cuda._sleep, <= 2 GHz
+    assumed), so Python enqueues the launches while the GPU is busy and the window between
+    the events holds no host gaps even when a call's host work exceeds its device time."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if queue_ahead_s > 0 and hasattr(torch.cuda, "_sleep"):
+        torch.cuda._sleep(int(queue_ahead_s * 2e9))
     start.record()
     t0 = time.perf_counter()
     for _ in range(calls):
@@ -118,7 +126,8 @@ def time_calls(fn, calls, reps, warmup, graphs=True, cuda=True):
             ms = (time.perf_counter() - t0) / calls * 1e3
             return {"ms": ms, "host_us": ms * 1e3, "graph_ms": None}
         torch.cuda.synchronize()
-        samples = [_events_ms(fn, calls) for _ in range(reps)]
+        host_s = _events_ms(fn, calls)[1] * 1e-6 * calls  # sizes the GPU spin below
+        samples = [_events_ms(fn, calls, queue_ahead_s=2.0 * host_s) for _ in range(reps)]
         out = {"ms": statistics.median(s[0] for s in samples),
                "host_us": statistics.median(s[1] for s in samples)}
         out["graph_ms"] = _graph_ms(fn, calls, reps) if graphs else None
@@ -147,7 +156,7 @@ def choose_route(b, s, d_in, d_out, dtype, device):
             "route_ms": c.times_ms.get(c.route)}
 
 
-def _routes(x, dy, naive):
+def _routes(x, dy, naive, main_grad=False):
     """name -> zero-argument callable for one shape's tensors."""
     from megatron_ext.kernels import wgrad_sample_norms
 
@@ -157,6 +166,9 @@ def _routes(x, dy, naive):
     fns = {"cublas": lambda: dy2.t() @ x2,  # [d_out, d_in]
            "triton_dw": lambda: wgrad_sample_norms(x, dy, compute_norms=False),
            "fused": lambda: wgrad_sample_norms(x, dy)}
+    if main_grad:  # Megatron's gradient-accumulation fusion: dW added to an fp32 buffer
+        buf = torch.zeros(d_out, d_in, device=x.device, dtype=torch.float32)
+        fns["fused_main_grad"] = lambda: wgrad_sample_norms(x, dy, main_grad=buf)
     if naive:
         def bmm_norm():
             dw_i = torch.bmm(dy.permute(1, 2, 0), x.permute(1, 0, 2))  # [b, d_out, d_in]
@@ -189,14 +201,14 @@ def _accuracy(x, dy, row):
 
 
 def bench_shape(b, s, d_in, d_out, calls=20, reps=5, warmup=3, naive=False, graphs=True,
-                device="cuda", dtype=torch.bfloat16, stage="kernel_table"):
+                device="cuda", dtype=torch.bfloat16, stage="kernel_table", main_grad=False):
     """One table row (a dict, JSON-ready)."""
     x = torch.randn(s, b, d_in, device=device, dtype=dtype)  # [s, b, d_in]
     dy = torch.randn(s, b, d_out, device=device, dtype=dtype) / d_out**0.5  # [s, b, d_out]
     row = {"stage": stage, "b": b, "s": s, "d_in": d_in, "d_out": d_out,
            "dtype": str(dtype).replace("torch.", ""), "calls": calls, "reps": reps}
     timed = {name: time_calls(fn, calls, reps, warmup, graphs, cuda=device != "cpu")
-             for name, fn in _routes(x, dy, naive).items()}
+             for name, fn in _routes(x, dy, naive, main_grad).items()}
     for name, t in timed.items():
         row[f"{name}_ms"], row[f"{name}_graph_ms"] = t["ms"], t["graph_ms"]
         row[f"{name}_host_us"] = t["host_us"]
@@ -247,6 +259,8 @@ def parse_args(argv=None):
     p.add_argument("--shapes", default="", help='"b,s,d_in,d_out;..." (default: 5 shapes)')
     p.add_argument("--naive", action="store_true", help="also time the bmm / ghost routes")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
+    p.add_argument("--main-grad", action="store_true",
+                   help="also time the fused kernel accumulating into an fp32 main_grad")
     p.add_argument("--jsonl", default="", help="append each row as one JSON line to this file")
     p.add_argument("--stage", default="kernel_table", help="the rows' \"stage\" value")
     p.add_argument("--out", default="", help="write all rows as one JSON document at the end")
@@ -273,7 +287,8 @@ def main(argv=None):
     rows = []
     for b, s, d_in, d_out in _parse_shapes(args.shapes, args.cpu_smoke):
         row = bench_shape(b, s, d_in, d_out, args.calls, args.reps, args.warmup, args.naive,
-                          graphs=not args.no_graphs, device=device, stage=args.stage)
+                          graphs=not args.no_graphs, device=device, stage=args.stage,
+                          main_grad=args.main_grad)
         row["device"] = name
         rows.append(row)
         line = json.dumps(row)
