@@ -175,7 +175,7 @@ def _routes(x, dy, naive, main_grad=False):
             norms = torch.linalg.vector_norm(dw_i, dim=(1, 2), dtype=torch.float32).square()
             return dw_i.sum(0, dtype=torch.float32), norms
 
-        def ghost():  # ‖dW_i‖² = ⟨x_i x_iᵀ, dy_i dy_iᵀ⟩ (Goodfellow 2015), batched over i
+        def ghost():  # ‖dW_i‖² = ⟨x_i x_iᵀ, dy_i dy_iᵀ⟩ (Goodfellow 2015), batched
             xb, gb = x.permute(1, 0, 2), dy.permute(1, 0, 2)  # [b, s, h] views
             xx, gg = torch.bmm(xb, xb.transpose(1, 2)), torch.bmm(gb, gb.transpose(1, 2))
             return dy2.t() @ x2, (xx.float() * gg.float()).sum((1, 2))
