@@ -16,9 +16,12 @@ forward/backward schedule over --micro-batches micro-batches with the product's 
 `on_step_start` / `after_backward` hooks run, i.e. fused wgrad + per-sample-norm kernel,
 norm/bias per-sample grads, the estimator update) and not measuring ("off": no hooks, so the
 very same modules run megatron-core's own code path, as on the unmeasured steps of
---gns-measure-interval). Alternating on/off steps (ABBA order) in one run keeps clocks,
-allocator state and data identical. Reports median step times and on/off (target <= 1.02),
-plus peak memory of each mode.
+--gns-measure-interval). Two measurements, each alternating on/off windows (ABBA order) in one
+run, which keeps clocks, allocator state and data identical: every step measured (target
+on/off <= 1.10), then windows of N steps whose last step is measured (the component's gating
+at --gns-measure-interval N) against N plain steps (target <= 1.02); N is --measure-interval
+or, when 0, the smallest N for which the every-step overhead divided by N is <= 2%. One JSON
+line per measurement is printed (and appended to --jsonl) as it is measured.
 
 Without CUDA it prints a message and exits 0 (`--cpu-smoke` runs a tiny model on CPU
 through the same code, to check the script itself).
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -52,12 +56,19 @@ def parse_args(argv=None):
     p.add_argument("--attention-backend", default="auto", choices=("auto", "flash", "sdpa", "local"))
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode (autotune)")
+    p.add_argument("--measure-interval", type=int, default=0,
+                   help="--gns-measure-interval to time as well (0: the smallest N whose "
+                        "derived overhead is <= 2%%)")
+    p.add_argument("--interval-windows", type=int, default=3,
+                   help="windows of N steps per mode at the measure interval")
     p.add_argument("--out", default="gns_overhead.json")
+    p.add_argument("--jsonl", default="", help="append each row as one JSON line to this file")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU (checks the script)")
     args = p.parse_args(argv)
     if args.cpu_smoke:
         args.layers, args.hidden, args.heads, args.ffn, args.vocab = 2, 64, 4, 256, 512
         args.seq_length, args.steps, args.warmup = 64, 2, 1
+        args.interval_windows = 1
     if args.micro_batches * args.micro_batch_size < 2:
         p.error("need micro-batches * micro-batch-size >= 2 (per-sample estimator)")
     return args
@@ -129,6 +140,48 @@ class Bench:
         return self.gns.last if measure else None
 
 
+def recommended_interval(ratio_every_step: float, target: float = 1.02) -> int:
+    """Smallest --gns-measure-interval N with 1 + (ratio - 1) / N <= target (1..64): one step
+    in N pays the measured every-step overhead."""
+    excess = max(ratio_every_step - 1.0, 0.0)
+    return int(min(64, max(1, math.ceil(excess / (target - 1.0) - 1e-9))))
+
+
+def _timed(bench, measures, sync):
+    """Seconds for steps with the given measure flags, and the peak memory they reached."""
+    if torch.cuda.is_available() and bench.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    last = None
+    for m in measures:
+        last = bench.step(m) or last
+    sync()
+    peak = torch.cuda.max_memory_allocated() if bench.device.type == "cuda" else 0
+    return time.perf_counter() - t0, peak, last
+
+
+def abba(bench, window_on, window_off, rounds, sync):
+    """Alternate an "on" window and an "off" window in ABBA order, `rounds` of each; returns
+    per-step times of each mode, peak memory of each and the last measurement."""
+    times, peak, last = {True: [], False: []}, {True: 0, False: 0}, None
+    for i in range(2 * rounds):
+        on = (i % 2 == 1) if (i // 2) % 2 == 0 else (i % 2 == 0)
+        steps = window_on if on else window_off
+        dt, pk, m = _timed(bench, steps, sync)
+        times[on].append(dt / len(steps))
+        peak[on] = max(peak[on], pk)
+        last = m or last
+    return times, peak, last
+
+
+def emit(row, jsonl=""):
+    line = json.dumps(row)
+    print(line, flush=True)
+    if jsonl:
+        with open(jsonl, "a") as f:
+            f.write(line + "\n")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cpu_smoke:  # the product builders take the GPU whenever they see one
@@ -140,42 +193,47 @@ def main(argv=None) -> int:
 
     bench = Bench(args)
     device = bench.device
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"core attention: {bench.built.attention}; wgrad kernel backend: "
           f"{kernel_backend(torch.empty(0, device=device))}; {bench.gns.describe()}", flush=True)
-    for _ in range(args.warmup):  # Triton autotuning happens in the first "on" steps
+    for _ in range(args.warmup):  # Triton autotuning (and route choice) in the first "on" steps
         bench.step(False)
         bench.step(True)
     sync()
-    times = {False: [], True: []}
-    peak = {False: 0, True: 0}
-    last = None
-    for i in range(2 * args.steps):
-        measure = (i % 2 == 1) if (i // 2) % 2 == 0 else (i % 2 == 0)  # ABBA order
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        m = bench.step(measure)
-        sync()
-        times[measure].append(time.perf_counter() - t0)
-        if cuda:
-            peak[measure] = max(peak[measure], torch.cuda.max_memory_allocated())
-        last = m or last
+    base = dict(stage="gns_overhead", layers=args.layers, hidden=args.hidden,
+                seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                micro_batches=args.micro_batches)
+    # 1. Every step measured vs none (one step per window).
+    times, peak, last = abba(bench, [True], [False], args.steps, sync)
     off, on = statistics.median(times[False]), statistics.median(times[True])
+    every = dict(base, measure_interval=1, step_s_off=off, step_s_on=on, ratio_on_off=on / off,
+                 target=1.10, peak_mem_gib_off=peak[False] / 2**30,
+                 peak_mem_gib_on=peak[True] / 2**30)
+    emit(every, args.jsonl)
+    # 2. At the measure interval: windows of N steps, the last one measured (the
+    # component's gating), against N plain steps.
+    n = args.measure_interval or recommended_interval(on / off)
+    rows = [every]
+    if n > 1:
+        t2, peak2, last2 = abba(bench, [False] * (n - 1) + [True], [False] * n,
+                                args.interval_windows, sync)
+        off2, on2 = statistics.median(t2[False]), statistics.median(t2[True])
+        rows.append(dict(base, measure_interval=n,
+                         interval_source="flag" if args.measure_interval else
+                         "derived: smallest N with every-step overhead / N <= 2%",
+                         step_s_off=off2, step_s_on=on2, ratio_on_off=on2 / off2, target=1.02,
+                         peak_mem_gib_on=peak2[True] / 2**30))
+        emit(rows[-1], args.jsonl)
+        last = last2 or last
+    for r in rows:
+        print(f"{args.layers} layers h={args.hidden} seq={args.seq_length} "
+              f"mbs={args.micro_batch_size} M={args.micro_batches} measure interval "
+              f"{r['measure_interval']}: step off {r['step_s_off'] * 1e3:.1f} ms, on "
+              f"{r['step_s_on'] * 1e3:.1f} ms, on/off = {r['ratio_on_off']:.4f} "
+              f"(target <= {r['target']})")
     res = dict(config=vars(args), product_flags=product_flags(args),
-               core_attention=bench.built.attention, step_s_off=off, step_s_on=on,
-               ratio_on_off=on / off, peak_mem_gib_off=peak[False] / 2**30,
-               peak_mem_gib_on=peak[True] / 2**30, times_off=times[False], times_on=times[True],
+               core_attention=bench.built.attention, rows=rows, times_every_step=times,
                last_measurement=last.to_dict() if last is not None else None)
-    print(f"{args.layers} layers h={args.hidden} seq={args.seq_length} mbs={args.micro_batch_size}"
-          f" M={args.micro_batches}: step off {off * 1e3:.1f} ms, on {on * 1e3:.1f} ms, "
-          f"on/off = {on / off:.4f} (target <= 1.02); peak mem off "
-          f"{peak[False] / 2**30:.2f} GiB, on {peak[True] / 2**30:.2f} GiB")
-    # Derived, not measured: with --gns-measure-interval N one step in N pays the overhead.
-    res["derived_ratio_by_measure_interval"] = {n: 1 + (on / off - 1) / n for n in (2, 4, 8)}
-    print("derived from the measured ratio, --gns-measure-interval N: " + ", ".join(
-        f"N={n}: {r:.4f}" for n, r in res["derived_ratio_by_measure_interval"].items()))
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
     dist.destroy_process_group()

@@ -8,8 +8,9 @@ slot of ``SelfAttentionSubmodules`` + a description of the path that will run) a
 Why: megatron-core's ``DotProductAttention`` materialises the ``[b, np, s, s]`` score tensor
 (O(s^2) memory) and refuses context parallelism; without Transformer Engine the only fused
 attention is flash-attn (Dao et al., https://arxiv.org/abs/2205.14135) or PyTorch's
-``scaled_dot_product_attention`` (flash / memory-efficient kernels). Both compute the softmax in
-fp32 on-chip, never store the scores, and support GQA without repeating K/V.
+``scaled_dot_product_attention`` (flash / cuDNN / memory-efficient kernels, ordered by
+:func:`set_sdpa_priority`). Both compute the softmax in fp32 on-chip, never store the scores,
+and support GQA without repeating K/V.
 
 Semantics (match ``DotProductAttention``): inputs ``[s, b, np, hn]`` for queries and
 ``[s, b, ng, hn]`` for keys/values (this TP rank's heads; query head ``i`` uses K/V group
@@ -46,6 +47,30 @@ logger = logging.getLogger(__name__)
 
 _warned: set = set()
 _SDPA_PLANS: dict = {}  # (dtype, head_dim, gqa, dropout) -> first SDPA plan that ran
+_SDPA_FUSED = ("flash", "cudnn", "efficient")  # fused SDPA kernels allowed (names below)
+_SDPA_ORDER: tuple = ()  # their priority when set; () keeps PyTorch's own order
+
+
+def set_sdpa_priority(names) -> None:
+    """Order in which SDPA tries its fused kernels: names from "cudnn", "flash",
+    "efficient" (e.g. ``("cudnn", "flash", "efficient")``); empty restores PyTorch's own
+    order. cuDNN attention is allowed either way (the benchmarks compare the orders)."""
+    names = tuple(n for n in names if n)
+    bad = [n for n in names if n not in _SDPA_FUSED]
+    if bad:
+        raise ValueError(f"SDPA backends {bad}: choose from {', '.join(_SDPA_FUSED)}")
+    global _SDPA_ORDER
+    _SDPA_ORDER = names
+    _SDPA_PLANS.clear()
+
+
+def _sdpa_fused_backends() -> list:
+    from torch.nn.attention import SDPBackend
+
+    by_name = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": getattr(SDPBackend, "CUDNN_ATTENTION", None)}  # torch >= 2.2
+    names = _SDPA_ORDER + tuple(n for n in _SDPA_FUSED if n not in _SDPA_ORDER)
+    return [by_name[n] for n in names if by_name[n] is not None]
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -144,7 +169,7 @@ class FlashCoreAttention(MegatronModule):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kwargs)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        fused = _sdpa_fused_backends()
         # Try, in order: fused kernels with native GQA; fused kernels on repeated K/V (the
         # efficient kernel takes fp32 but not enable_gqa); the math kernel. The first plan that
         # works for this (dtype, head_dim, gqa) is remembered, so failures are paid once.
@@ -165,7 +190,7 @@ class FlashCoreAttention(MegatronModule):
                 )
             backends = [SDPBackend.MATH] if plan == "math" else fused
             try:
-                with sdpa_kernel(backends):
+                with sdpa_kernel(backends, set_priority=bool(_SDPA_ORDER) and plan != "math"):
                     out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kwargs)
             except RuntimeError:
                 if plan == plans[-1]:
