@@ -29,6 +29,7 @@ Decision (`--gns-route auto`):
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -83,6 +84,7 @@ def _check_route(forced: Optional[str]) -> Optional[str]:
     return forced
 
 
+@functools.lru_cache(maxsize=None)
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -130,6 +132,11 @@ def _save_file() -> None:
 def _can_measure(device: torch.device) -> bool:
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
+    return _compiled_kernel_on(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_kernel_on(device: torch.device) -> bool:
     from megatron_ext.kernels import kernel_backend
 
     return kernel_backend(torch.empty(0, device=device)) == "triton"
@@ -239,7 +246,7 @@ def model_routes(model_chunks, recorder, tokens_per_sample: int, samples: int,
         reasons.add("measured on first use" if c.times_ms else c.reason.split(":")[0])
         parts.append(f"{d_out}x{d_in} {c.route}{times}")
     how = "; ".join(sorted(reasons)) or "no GNS linears"
-    return f"route per dW shape (T={tokens_per_sample}, b={samples}): {', '.join(parts)} ({how})"
+    return f"route per dW shape (T={tokens_per_sample}, b={samples}): {', '.join(parts)}; {how}"
 
 
 __all__ = ["ROUTES", "RouteChoice", "select_route", "analytic_route", "linear_route",
