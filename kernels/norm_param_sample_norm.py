@@ -156,13 +156,13 @@ def _forward(x, gamma, beta, normalization: str, eps: float):
     """(y in x's dtype, mean or None, rstd); fp32 math, the same ops as `SPNorm`.
 
     LayerNorm: ATen's mixed-dtype kernel (x in its own dtype, fp32 γ/β, fp32 statistics)
-    makes no fp32 copy of x. RMSNorm: one fp32 copy of x, scaled in place.
+    makes no fp32 copy of x. RMSNorm: one fp32 copy of x (scaled in place) and its square.
     """
     if normalization == "LayerNorm":
         return torch.native_layer_norm(x, [x.shape[-1]], gamma, beta, eps)
-    x32 = x.float()
-    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [s, b, (n,) 1]
-    out = x32 * rstd
+    x32 = x.float()  # the one fp32 copy (x itself if already fp32)
+    rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)  # [s, b, (n,) 1]
+    out = x32 * rstd if x32 is x else x32.mul_(rstd)
     return out.mul_(gamma).to(x.dtype), None, rstd
 
 
@@ -172,9 +172,9 @@ def _input_grad(dy, x, gamma, mean, rstd):
     if mean is not None:
         return torch.ops.aten.native_layer_norm_backward(
             dy, x, [x.shape[-1]], mean, rstd, gamma, None, [True, False, False])[0]
-    dxhat = dy.float() * gamma  # [s, b, h] fp32
-    xhat = x.float() * rstd  # [s, b, h] fp32
-    proj = (dxhat * xhat).mean(-1, keepdim=True)  # [s, b, 1]
+    dxhat = dy * gamma  # [s, b, h] fp32 (type promotion: no separate upcast copy)
+    xhat = x * rstd  # [s, b, h] fp32
+    proj = torch.linalg.vecdot(dxhat, xhat).unsqueeze(-1) / x.shape[-1]  # [s, b, 1]
     return dxhat.sub_(xhat.mul_(proj)).mul_(rstd).to(x.dtype)
 
 
