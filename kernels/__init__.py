@@ -4,6 +4,7 @@ Public API (per-sample gradient norms for gradient-noise-scale measurement):
     wgrad_sample_norms / wgrad_sample_norms_reference / kernel_backend / kernel_is_interpreted
     LinearWithSampleNorms, linear_with_sample_norms, TensorParallelComm, SampleNormAccumulator
     NormWithSampleNorms, norm_param_sample_grads(_reference), norm_param_backend
+    wgrad_sample_norms_ghost / _batched / _route (torch dW + ghost norms or a batched product)
 
 Names are loaded lazily (PEP 562), so `import megatron_ext.kernels` neither imports
 Triton nor freezes the interpreter choice: Triton reads TRITON_INTERPRET when a kernel
@@ -26,6 +27,10 @@ _EXPORTS = {
     "kernel_backend": "wgrad_sample_norm",
     "kernel_is_interpreted": "wgrad_sample_norm",
     "wgrad_sample_norms": "wgrad_sample_norm",
+    "ROUTE_NAMES": "wgrad_sample_norm_routes",
+    "wgrad_sample_norms_batched": "wgrad_sample_norm_routes",
+    "wgrad_sample_norms_ghost": "wgrad_sample_norm_routes",
+    "wgrad_sample_norms_route": "wgrad_sample_norm_routes",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -3,14 +3,17 @@
 Main API:
     LinearWithSampleNorms.apply(x, weight, bias, norm_sink, layout="sbh",
                                 gradient_accumulation_fusion=False, tp=None,
-                                after_wgrad=None) -> y
+                                after_wgrad=None, route="fused") -> y
     linear_with_sample_norms(...)            keyword-friendly wrapper of the above
     TensorParallelComm(group, sequence_parallel=False, allreduce_dgrad=False, buffer=None)
     SampleNormAccumulator                    a ready-made `norm_sink`
 
 Forward is y = x Wᵀ (+ b). Backward computes dx = dy W with a plain torch matmul and
 dW (+ db) with the fused Triton kernel of `wgrad_sample_norm`, which also yields
-n[i] = ‖dW_i‖² + ‖db_i‖² for every sample i at almost no cost; `norm_sink(n)` is called
+n[i] = ‖dW_i‖² + ‖db_i‖² for every sample i at almost no cost (`route="fused"`), or with a
+torch GEMM plus ghost norms / a batched per-sample product (`route="ghost"` / `"batched"`,
+`wgrad_sample_norm_routes.py`; `megatron_ext.gns.routes` picks the fastest per shape);
+`norm_sink(n)` is called
 once per backward with that fp32 [b] tensor. Summed over all layers this is
 Σ_params ‖g_i‖², the small-batch side of the gradient-noise-scale estimator
 (McCandlish et al. 2018, App. A).
@@ -32,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .wgrad_sample_norm import wgrad_sample_norms
+from .wgrad_sample_norm_routes import wgrad_sample_norms_route
 
 NormSink = Callable[[torch.Tensor], None]
 AfterWgrad = Callable[[torch.Tensor, torch.Tensor], None]
@@ -114,8 +117,8 @@ def _weight_grads(ctx, total_input, dy, weight, need_dw, need_db):
     if dy.dtype != total_input.dtype:
         dy = dy.to(total_input.dtype)
     main_grad = weight.main_grad if (ctx.fuse and need_dw) else None
-    res = wgrad_sample_norms(total_input, dy, ctx.layout, main_grad=main_grad,
-                             compute_bias=ctx.has_bias)
+    res = wgrad_sample_norms_route(ctx.route, total_input, dy, ctx.layout, main_grad=main_grad,
+                                   compute_bias=ctx.has_bias)
     if ctx.norm_sink is not None:
         sq = res.sq_norms_weight
         ctx.norm_sink(sq + res.sq_norms_bias if ctx.has_bias else sq)  # [b]
@@ -148,11 +151,12 @@ class LinearWithSampleNorms(torch.autograd.Function):
         gradient_accumulation_fusion: accumulate dW into `weight.main_grad`.
         tp: a `TensorParallelComm`, or None (no communication).
         after_wgrad: optional callable(total_input, dy) run after dW in backward.
+        route: "fused" (Triton kernel), "ghost" or "batched" (torch dW + separate norms).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, norm_sink, layout="sbh",
-                gradient_accumulation_fusion=False, tp=None, after_wgrad=None):
+                gradient_accumulation_fusion=False, tp=None, after_wgrad=None, route="fused"):
         sp = tp is not None and tp.sequence_parallel
         if sp and layout != "sbh":
             raise ValueError("sequence parallelism needs the [s, b, h] layout ('sbh')")
@@ -160,6 +164,7 @@ class LinearWithSampleNorms(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.norm_sink, ctx.layout, ctx.tp, ctx.after_wgrad = norm_sink, layout, tp, after_wgrad
+        ctx.route = route
         ctx.fuse = bool(gradient_accumulation_fusion) and hasattr(weight, "main_grad")
         total_input = tp.gather(x)[0] if sp else x  # [s, b, d_in]
         return F.linear(total_input, weight, bias)  # [s, b, d_out]
@@ -183,7 +188,7 @@ class LinearWithSampleNorms(torch.autograd.Function):
             grad_w, grad_b = _weight_grads(ctx, total_input, dy, weight, need_dw, need_db)
         if handle is not None:
             handle.wait()
-        return dx, grad_w, grad_b, None, None, None, None, None
+        return dx, grad_w, grad_b, None, None, None, None, None, None
 
 
 def linear_with_sample_norms(
@@ -196,7 +201,8 @@ def linear_with_sample_norms(
     gradient_accumulation_fusion: bool = False,
     tp: Optional[TensorParallelComm] = None,
     after_wgrad: Optional[AfterWgrad] = None,
+    route: str = "fused",
 ) -> torch.Tensor:
     """Keyword-friendly wrapper of `LinearWithSampleNorms.apply`."""
     return LinearWithSampleNorms.apply(x, weight, bias, norm_sink, layout,
-                                       gradient_accumulation_fusion, tp, after_wgrad)
+                                       gradient_accumulation_fusion, tp, after_wgrad, route)

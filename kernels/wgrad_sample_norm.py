@@ -49,6 +49,8 @@ from .wgrad_sample_norm_reference import (  # noqa: F401  (re-exported)
     wgrad_sample_norms_reference,
 )
 from .wgrad_sample_norm_tuning import (
+    _autotune_cache_kwargs,
+    _block_k_for,  # noqa: F401  (tools/compile_kernels.py mirrors the pruning)
     _config,
     _ensure_tma_allocator,
     _gpu_configs,
@@ -73,6 +75,9 @@ if triton is not None:
         # accumulated main_grad must be put back.
         reset_to_zero=["norm_w_ptr", "norm_b_ptr", "db_ptr"],
         restore_value=["out_ptr"],
+        # The tuning result of each key is kept in Triton's cache directory
+        # (`_persistent_cache_dir`), so later processes skip the 10-20 s of tuning.
+        **_autotune_cache_kwargs(),
     )
     @triton.jit
     def _wgrad_sample_norm_kernel(
@@ -183,7 +188,10 @@ if triton is not None:
                         sq = tl.where(mask_out, part, 0.0)
                     else:
                         sq = part
-                    tl.atomic_add(norm_w_ptr + i, tl.sum(tl.sum(sq * sq, axis=1), axis=0))
+                    # Relaxed: no other memory access is ordered against this add, and the
+                    # default acq_rel costs fences at every sample boundary.
+                    tl.atomic_add(norm_w_ptr + i, tl.sum(tl.sum(sq * sq, axis=1), axis=0),
+                                  sem="relaxed")
                     acc += part
                     part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                     if HAS_BIAS:
@@ -192,7 +200,8 @@ if triton is not None:
                                 sqb = tl.where(mask_m, bias_part, 0.0)
                             else:
                                 sqb = bias_part
-                            tl.atomic_add(norm_b_ptr + i, tl.sum(sqb * sqb, axis=0))
+                            tl.atomic_add(norm_b_ptr + i, tl.sum(sqb * sqb, axis=0),
+                                          sem="relaxed")
                             bias_acc += bias_part
                             bias_part = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
@@ -201,7 +210,7 @@ if triton is not None:
             bias_acc = bias_part
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         if SPLIT_OUT:  # fp32 out: zeros or main_grad; other splits add their share
-            tl.atomic_add(out_ptrs, acc, mask=mask_out)
+            tl.atomic_add(out_ptrs, acc, mask=mask_out, sem="relaxed")
         else:
             if ACCUMULATE:  # Megatron gradient-accumulation fusion: main_grad += dW
                 acc += tl.load(out_ptrs, mask=mask_out, other=0.0).to(tl.float32)
@@ -209,7 +218,7 @@ if triton is not None:
         if HAS_BIAS:
             if do_bias:
                 if SPLIT_OUT:
-                    tl.atomic_add(db_ptr + offs_m, bias_acc, mask=mask_m)
+                    tl.atomic_add(db_ptr + offs_m, bias_acc, mask=mask_m, sem="relaxed")
                 else:
                     tl.store(db_ptr + offs_m, bias_acc, mask=mask_m)
 else:  # pragma: no cover

@@ -1,7 +1,7 @@
 """Autotune configs, their pruning and the TMA decision of the wgrad + sample-norm kernel.
 
 Main API (private to `wgrad_sample_norm.py`): `_gpu_configs()`, `_prune_configs(...)`,
-`_tma_mode(...)`, `_ensure_tma_allocator()`.
+`_tma_mode(...)`, `_ensure_tma_allocator()`, `_autotune_cache_kwargs()`.
 
 Two ways to bring the tiles into shared memory: cp.async (Ampere and Hopper, any strides)
 and, on Hopper, the tensor-memory accelerator (TMA), which needs Megatron's contiguous
@@ -10,6 +10,8 @@ times the rest.
 """
 from __future__ import annotations
 
+import inspect
+import os
 from typing import Optional
 
 import torch
@@ -33,40 +35,62 @@ def _interpreting() -> bool:
     return triton is not None and bool(triton.knobs.runtime.interpret)
 
 
+def _persistent_cache_dir() -> str:
+    """Triton's cache (compiled kernels and, with `cache_results`, autotuning results):
+    $TRITON_CACHE_DIR if set, else <$MEGATRON_EXT_CACHE_DIR or ~/.cache/megatron_ext>/triton,
+    so the first --gns step of a later run neither recompiles nor re-tunes."""
+    if not os.environ.get("TRITON_CACHE_DIR"):
+        base = os.environ.get("MEGATRON_EXT_CACHE_DIR") or os.path.join(
+            os.path.expanduser("~"), ".cache", "megatron_ext")
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(base, "triton")
+    return os.environ["TRITON_CACHE_DIR"]
+
+
+def _autotune_cache_kwargs() -> dict:
+    """`cache_results=True` where this Triton's autotune has it (3.2+), not in the interpreter."""
+    if triton is None or _interpreting():
+        return {}
+    if "cache_results" not in inspect.signature(triton.autotune).parameters:
+        return {}
+    _persistent_cache_dir()
+    return {"cache_results": True}
+
+
 def _gpu_configs():
     # Two fp32 [BM, BN] accumulators live in registers (running dW tile + the current
-    # sample's tile), so 128x128 tiles want 8 warps (64 + 64 regs/thread) and 128x256
-    # tiles are left out (they would spill).
+    # sample's tile), so 128x128 tiles want 8 warps (64 + 64 regs/thread); 128x256 and
+    # 256x64 tiles are left out (they would spill). Pruned to four configs per GPU
+    # generation (plus two TMA ones on Hopper): each new shape tunes in a few seconds.
     return [
-        # Hopper (sm90, 228 KB smem): deeper pipelines, BLOCK_K 64.
+        # Hopper (sm90, 228 KB smem): BLOCK_K 64, deeper pipelines.
         _config(128, 128, 64, 8, 4),
-        _config(128, 128, 64, 8, 5),
         _config(128, 128, 64, 8, 3),
         _config(128, 64, 64, 4, 4),
         _config(64, 128, 64, 4, 4),
-        _config(256, 64, 64, 8, 3),
-        # Ampere (sm80/86, 100-164 KB smem): BLOCK_K 32, 3-4 stages.
-        _config(128, 128, 32, 8, 4),
+        # Ampere (sm80/86, 100-164 KB smem) and fp32 inputs: BLOCK_K 32, 3-4 stages.
         _config(128, 128, 32, 8, 3),
         _config(128, 64, 32, 4, 4),
         _config(64, 128, 32, 4, 4),
         _config(64, 64, 32, 4, 4),
-        _config(64, 64, 64, 4, 3),
         # Hopper with TMA (Megatron's [s, b, h] layout only, see `_tma_eligible`): the
         # tensor-memory accelerator fetches the tiles, zero-fills the token tail, and both
         # wgmma operands stay in shared memory.
         _config(128, 128, 64, 8, 4, tma=True),
-        _config(128, 128, 64, 8, 3, tma=True),
         _config(128, 64, 64, 4, 4, tma=True),
     ]
+
+
+def _block_k_for(major: int, element_size: int) -> int:
+    """BLOCK_K of the configs a GPU generation tunes: 64 on Hopper for 16-bit inputs."""
+    return 64 if major >= 9 and element_size < 4 else 32
 
 
 def _prune_configs(configs, named_args, **kwargs):
     """Keep configs meant for this GPU generation whose smem footprint fits.
 
     TMA_MODE (from the launcher) keeps only non-TMA configs (0), only TMA ones (1) or both
-    (2, the autotuner picks). Hopper (sm90+) keeps the BLOCK_K=64 set, Ampere and older keep
-    all non-TMA ones; fewer configs means a shorter one-off tuning per key.
+    (2, the autotuner picks). Hopper with 16-bit inputs keeps the BLOCK_K=64 set, the rest
+    the BLOCK_K=32 set; fewer configs means a shorter one-off tuning per key.
     """
     if _interpreting() or not torch.cuda.is_available():
         return configs[:1]
@@ -77,10 +101,11 @@ def _prune_configs(configs, named_args, **kwargs):
     props = torch.cuda.get_device_properties(dev)
     smem = getattr(props, "shared_memory_per_block_optin", 0) or 96 * 1024
     elt = named_args["x_ptr"].element_size()
+    block_k = _block_k_for(props.major, elt)
     kept = []
     for c in configs:
         kw = c.kwargs
-        if props.major >= 9 and kw["BLOCK_K"] < 64 and elt < 4:
+        if kw["BLOCK_K"] != block_k and not kw["USE_TMA"]:
             continue
         need = (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elt * c.num_stages
         if need <= smem:

@@ -127,14 +127,17 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"with {len(configs)} autotune configs")
     failures = 0
     for arch in args.arch:
-        # The launcher's pruning keeps BLOCK_K=64 configs on Hopper for 16-bit inputs; TMA
-        # configs need Hopper.
-        arch_cfgs = [c for c in configs if (arch < 90 and not c.kwargs["USE_TMA"])
-                     or (arch >= 90 and c.kwargs["BLOCK_K"] >= 64)]
-        if not args.all_configs:  # the first config of each load path
-            arch_cfgs = [next(c for c in arch_cfgs if c.kwargs["USE_TMA"] == t)
-                         for t in (False, True) if any(c.kwargs["USE_TMA"] == t for c in arch_cfgs)]
         for dtype in args.dtype:
+            # The launcher's pruning: BLOCK_K=64 on Hopper for 16-bit inputs, else 32; TMA
+            # configs on Hopper for 16-bit inputs only.
+            elt = 4 if dtype == "fp32" else 2
+            bk = mod._block_k_for(arch // 10, elt)
+            arch_cfgs = [c for c in configs if (c.kwargs["USE_TMA"] and arch >= 90 and elt == 2)
+                         or (not c.kwargs["USE_TMA"] and c.kwargs["BLOCK_K"] == bk)]
+            if not args.all_configs:  # the first config of each load path
+                arch_cfgs = [next(c for c in arch_cfgs if c.kwargs["USE_TMA"] == t)
+                             for t in (False, True)
+                             if any(c.kwargs["USE_TMA"] == t for c in arch_cfgs)]
             for cfg in arch_cfgs:
                 k = cfg.kwargs
                 name = (f"sm_{arch} {dtype:<4} {k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} "

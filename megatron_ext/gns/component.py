@@ -37,6 +37,7 @@ class GNSComponent(Component):
         self.log = log
         self.last = None  # the last GNSMeasurement
         self._measuring = False
+        self._chunks = []
 
     # ------------------------------------------------------------------ model building
     def model_options(self) -> ModelOptions:
@@ -53,13 +54,36 @@ class GNSComponent(Component):
         """After DDP wrapping: find the tracked parameters, and read per-rank gradients and
         the global loss-token count inside megatron-core's ``finalize_model_grads``."""
         self.tracker.attach(model_chunks)
+        self._chunks = list(model_chunks)
         transformer_config.finalize_model_grads_func = self.tracker.wrap_finalize_model_grads(
             transformer_config.finalize_model_grads_func)
 
     def describe(self) -> str:
         every = self.config.gns_measure_interval
         when = f", every {every} steps" if every > 1 else ""
-        return f"GNS: {self.config.gns_estimator} estimator{when} ({self.tracker.describe()})"
+        line = f"GNS: {self.config.gns_estimator} estimator{when} ({self.tracker.describe()})"
+        if self.config.gns_estimator == "per-sample":
+            line += f", --gns-route {self.config.gns_route}: {self._routes()}"
+        return line
+
+    def _routes(self) -> str:
+        """The dW route of every GNS linear shape (on a GPU under `auto`: timed now, once)."""
+        from .routes import model_routes
+
+        try:  # the loop has pointed megatron's calculator at its batch shape by now
+            from megatron.core import num_microbatches_calculator as nmc
+
+            samples = nmc.get_micro_batch_size()
+        except Exception:  # noqa: BLE001 - library use without the calculator
+            samples = None
+        seq = None
+        for chunk in self._chunks:
+            while hasattr(chunk, "module") and not hasattr(chunk, "max_sequence_length"):
+                chunk = chunk.module
+            seq = getattr(chunk, "max_sequence_length", seq)
+        if not samples or not seq:
+            return "chosen per layer shape at first use"
+        return model_routes(self._chunks, self.tracker, seq, samples, self.config.gns_route)
 
     # ------------------------------------------------------------------ step hooks
     @property

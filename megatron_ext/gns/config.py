@@ -13,6 +13,7 @@ from typing import Optional
 from megatron_ext.config_flags import FlagConfig
 
 GNS_ESTIMATORS = ("per-sample", "data-parallel")
+GNS_ROUTE_CHOICES = ("auto", "fused", "ghost", "batched")  # "auto" + gns.routes.ROUTES
 
 
 @dataclass
@@ -52,12 +53,22 @@ class GNSConfig(FlagConfig):
     default: the embedding gradient is very sparse (only the rows of tokens in the batch)
     and its per-sample norm is expensive and dominated by rare-token noise."""
 
+    gns_route: str = field(default="auto", metadata={"argparse": {"choices": GNS_ROUTE_CHOICES}})
+    """How each GNS linear gets dW and per-sample |dW_i|^2: `fused` (the Triton kernel, one
+    pass), `ghost` (torch dW + norms from two [T, T] Gram matrices per sample), `batched`
+    (torch dW + a per-sample product), or `auto`: on a GPU the fastest, timed once per layer
+    shape at startup (cached under $MEGATRON_EXT_CACHE_DIR, default ~/.cache/megatron_ext);
+    on CPU a FLOP/memory rule. The startup line lists the route of every shape."""
+
     def __post_init__(self):
         if self.gns_estimator not in GNS_ESTIMATORS:
             raise ValueError(
                 f"--gns-estimator={self.gns_estimator!r} is not one of {GNS_ESTIMATORS}; "
                 "use per-sample (needs per-sample gradient norms) or data-parallel "
                 "(needs data-parallel size >= 2)")
+        if self.gns_route not in GNS_ROUTE_CHOICES:
+            raise ValueError(f"--gns-route={self.gns_route!r} is not one of {GNS_ROUTE_CHOICES}; "
+                             "use auto (fastest per layer shape) or force fused, ghost or batched")
         if not (isinstance(self.gns_ema_decay, (int, float)) and 0.0 < self.gns_ema_decay < 1.0):
             raise ValueError(
                 f"--gns-ema-decay must be in the open interval (0, 1) (typical 0.9-0.99), "

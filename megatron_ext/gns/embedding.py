@@ -13,7 +13,7 @@ it. Without a recorder it is GPTModel.
 
 Embedding: dE_i has one row per distinct token of sample i, the sum of the output grads of
 that token's positions; rows of the local vocab shard are summed per (sample, token) with a
-scatter (memory O(b·s·h), exact) and squared. Vocab shards are disjoint: additive over TP.
+sort + scatter (memory O(b·s·h), exact, no host sync) and squared. Vocab shards are disjoint: additive over TP.
 
 Tied embedding/output weight (Megatron's default, PP = 1): the per-sample gradient is
 E_i + O_i (embedding part + output-layer part), so ‖g_i‖² = ‖E_i‖² + ‖O_i‖² + 2⟨E_i, O_i⟩.
@@ -45,6 +45,28 @@ from .config import include_embedding_problem
 from .layers import GNSColumnParallelLinear, gns_linear, measured_microbatch
 
 
+def _per_sample_row_sq_norms(idx, flat_dy, b: int, num_rows: int) -> torch.Tensor:
+    """Σ_rows ‖dE_i[row]‖² per sample: row sums per (sample, token id), squared, summed.
+
+    idx: [b, s] local token ids, flat_dy: [b*s, h] fp32 (zero at other shards' tokens, so
+    their placeholder id 0 adds nothing). Distinct (sample, token) keys are found by a sort
+    and a cumulative sum over "key changed" flags, into at most b*s fixed slots: no
+    data-dependent sizes (torch.unique, boolean masks), hence no host sync per micro-batch.
+    """
+    n = idx.numel()
+    keys = (torch.arange(b, device=idx.device).unsqueeze(1) * num_rows + idx).reshape(-1)
+    keys, order = torch.sort(keys)
+    new = torch.ones_like(keys, dtype=torch.long)
+    new[1:] = keys[1:] != keys[:-1]
+    slot = new.cumsum(0) - 1  # [b*s] slot of each sorted token, < n
+    rows = torch.zeros(n, flat_dy.shape[1], dtype=torch.float32, device=flat_dy.device)
+    rows.index_add_(0, slot, flat_dy.index_select(0, order))
+    sample = torch.zeros(n, dtype=torch.long, device=idx.device)
+    sample.scatter_(0, slot, keys // num_rows)  # unused slots: sample 0, row 0 (adds 0)
+    sq = torch.zeros(b, dtype=torch.float64, device=flat_dy.device)
+    return sq.index_add_(0, sample, rows.square().sum(-1).double())
+
+
 class _EmbeddingWithSampleNorms(torch.autograd.Function):
     """F.embedding on the local vocab shard; backward reports per-sample ‖dE_i‖² (+ cross)."""
 
@@ -68,16 +90,7 @@ class _EmbeddingWithSampleNorms(torch.autograd.Function):
         flat_idx, flat_dy = idx.reshape(-1), dyf.reshape(-1, h)
         grad_w = torch.zeros(ctx.num_rows, h, dtype=torch.float32, device=dy.device)
         grad_w.index_add_(0, flat_idx, flat_dy)
-        # per-(sample, token) row sums -> squared row norms -> per-sample sums
-        keys = (torch.arange(b, device=idx.device).unsqueeze(1) * ctx.num_rows + idx).reshape(-1)
-        if valid is not None:
-            keep = valid.reshape(-1)
-            keys, flat_dy = keys[keep], flat_dy[keep]
-        uniq, inv = torch.unique(keys, return_inverse=True)
-        rows = torch.zeros(uniq.numel(), h, dtype=torch.float32, device=dy.device)
-        rows.index_add_(0, inv, flat_dy)
-        sq = torch.zeros(b, dtype=torch.float64, device=dy.device)
-        sq.index_add_(0, uniq // ctx.num_rows, rows.square().sum(-1).double())
+        sq = _per_sample_row_sq_norms(idx, flat_dy, b, ctx.num_rows)  # [b] fp64
         if ctx.tied:  # 2 <E_i, O_i> with the output layer's rows at this sample's tokens
             out_rows = ctx.recorder.pop_tied_rows(ctx.mb)  # [b, s, h] fp32
             sq += 2.0 * (dyf * out_rows).sum((1, 2)).double()

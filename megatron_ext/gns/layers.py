@@ -14,9 +14,9 @@ unless `recorder.microbatch_index(layer)` returns a micro-batch index. Then its 
 reports what the recorder needs to build Σ_params ‖g_i‖² for every sample i (McCandlish
 et al. 2018, App. A):
 
-* linear weights: the fused kernel (`megatron_ext.kernels.LinearWithSampleNorms`) computes
-  dW (the only dW; into `main_grad` under gradient-accumulation fusion) and ‖dW_i‖² of the
-  local shard. TP shards of a weight are disjoint pieces of it, so these partial squared
+* linear weights: `megatron_ext.kernels.LinearWithSampleNorms` computes dW (the only dW;
+  into `main_grad` under gradient-accumulation fusion) and ‖dW_i‖² of the local shard, by
+  the route `gns.routes` picks for the shape (fused kernel, ghost norms or batched product). TP shards of a weight are disjoint pieces of it, so these partial squared
   norms add up over the TP group ("sharded" report).
 * biases: per-sample ‖db_i‖² from the output grad. A column-parallel bias is sharded. A
   row-parallel bias is added after the TP reduction: without SP every TP rank holds the same
@@ -46,6 +46,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_ext.kernels import LinearWithSampleNorms, NormWithSampleNorms, TensorParallelComm
 from megatron_ext.model.norms import SPNorm
 
+from .routes import linear_route
+
 
 def _microbatch(module) -> Optional[int]:
     """Micro-batch index of this forward if the module's recorder is measuring, else None."""
@@ -67,8 +69,10 @@ def gns_linear(module, mb, input, weight, bias, gradient_accumulation_fusion, al
     tp = TensorParallelComm(module.tp_group, sequence_parallel=sequence_parallel,
                             allreduce_dgrad=allreduce_dgrad, buffer=_megatron_buffer)
     sink = functools.partial(module.gns_recorder.add_sq_norms, mb)  # sharded: additive
+    # fused kernel, or torch dW + ghost / batched norms: the fastest for this shape (routes.py)
+    route = linear_route(module.gns_recorder, input, weight, sequence_parallel, module.tp_group)
     return LinearWithSampleNorms.apply(input, weight, bias, sink, "sbh",
-                                       gradient_accumulation_fusion, tp, after_wgrad)
+                                       gradient_accumulation_fusion, tp, after_wgrad, route)
 
 
 def measured_microbatch(module, input, weight) -> Optional[int]:

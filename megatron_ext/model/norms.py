@@ -22,7 +22,8 @@ class SPNorm(torch.nn.Module):
     """LayerNorm or RMSNorm (``config.normalization``) whose params know about SP.
 
     Input/output: ``[s, b, h]`` (or ``[s/t, b, h]`` under sequence parallelism).
-    Computes in fp32 and returns the input dtype, like Megatron's fused norms.
+    Computes in fp32 and returns the input dtype, like Megatron's fused norms. Input may
+    also be ``[s, b, heads, head_dim]`` (``--qk-layernorm``).
     """
 
     def __init__(
@@ -58,12 +59,13 @@ class SPNorm(torch.nn.Module):
         return self.weight + 1 if self.zero_centered_gamma else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()  # [s, b, h]
         if self.normalization == "LayerNorm":
-            out = torch.nn.functional.layer_norm(
-                x32, (x32.shape[-1],), self.gamma().float(), self.bias.float(), self.eps
+            # ATen's mixed-dtype layer norm: x in its own dtype, fp32 γ/β and math, output in
+            # x's dtype; autograd then saves x itself, not an fp32 copy of it.
+            return torch.nn.functional.layer_norm(
+                x, (x.shape[-1],), self.gamma().float(), self.bias.float(), self.eps
             )
-        else:
-            out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-            out = out * self.gamma().float()
+        x32 = x.float()  # [s, b, h]
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = out * self.gamma().float()
         return out.to(x.dtype)

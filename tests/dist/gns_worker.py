@@ -20,7 +20,9 @@ by name, so TP=2 holds the same full weights as TP=1). On that tiny GPT:
    |G_B|^2;
 3. a few optimizer steps (the job's optimizer) with the measurement: B_simple must be finite.
 Flags: --tp/--pp/--no-sp/--recompute/--normalization, --micro-batches/--micro-batch-size,
---estimator, --include-embedding/--tie, --dist-opt, --per-token-loss, --structured.
+--estimator, --include-embedding/--tie, --dist-opt, --per-token-loss, --structured; model
+placements --gns can meet: --qk-layernorm, --swiglu, --num-query-groups (GQA),
+--disable-bias-linear; --gns-route forces a dW route.
 Rank 0 writes everything to --out as JSON; the test compares (also across runs).
 """
 import os
@@ -71,6 +73,11 @@ def parse():
     # 4 random-token samples make a very noisy |G|^2 estimate whose sign depends on the
     # weights: seed 3 gives a positive B_simple in every configuration the tests assert it.
     p.add_argument("--seed", type=int, default=3, help="--seed of the job (the weights)")
+    p.add_argument("--qk-layernorm", action="store_true", help="norms on [s, b, heads, d] q/k")
+    p.add_argument("--swiglu", action="store_true")
+    p.add_argument("--num-query-groups", type=int, default=None, help="GQA")
+    p.add_argument("--disable-bias-linear", action="store_true")
+    p.add_argument("--gns-route", default="auto")
     p.add_argument("--out", required=True)
     return p.parse_args()
 
@@ -86,8 +93,13 @@ def job_flags(args, world_size):
         "--pipeline-model-parallel-size", str(args.pp),
         "--micro-batch-size", str(args.micro_batch_size),
         "--global-batch-size", str(dp * args.micro_batches * args.micro_batch_size),
-        "--gns", "--gns-estimator", args.estimator,
+        "--gns", "--gns-estimator", args.estimator, "--gns-route", args.gns_route,
     ]
+    for flag in ("qk_layernorm", "swiglu", "disable_bias_linear"):
+        if getattr(args, flag):
+            flags.append("--" + flag.replace("_", "-"))
+    if args.num_query_groups:
+        flags += ["--num-query-groups", str(args.num_query_groups)]
     if args.tp > 1 and not args.no_sp:
         flags.append("--sequence-parallel")
     if args.recompute:
