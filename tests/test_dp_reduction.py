@@ -91,7 +91,8 @@ def test_auto_is_flat_on_one_node():
 
 @pytest.mark.parametrize("times, kind", [({"flat": 0.004, "hierarchical": 0.002}, "hierarchical"),
                                          ({"flat": 0.002, "hierarchical": 0.004}, "flat")])
-def test_auto_follows_the_planner_and_prints_both_times(times, kind):
+def test_auto_follows_the_planner_and_prints_both_times(times, kind, monkeypatch):
+    monkeypatch.setattr(dp_reduction, "_have_einops", lambda: True)
     job = _job(["--dp-reduction", "auto", "--tensor-model-parallel-size", "2"], 16)
     choice = dp_reduction.choose(job, per_node=4, predict=lambda j, n: times)
     assert choice.kind == kind

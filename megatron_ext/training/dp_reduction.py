@@ -69,10 +69,19 @@ def node_layout_problem(job, per_node: int) -> Optional[str]:
     if job.parallel.dp_reduction != "hierarchical":
         return None
     try:
-        _nodes_of_dp_group(job, per_node)
+        nodes = _nodes_of_dp_group(job, per_node)
     except ValueError as e:
         return str(e)
+    if nodes > 1 and not _have_einops():
+        return ("--dp-reduction hierarchical: megatron-core builds the groups of several "
+                "optimizer instances with einops: pip install einops")
     return None
+
+
+def _have_einops() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("einops") is not None
 
 
 def predicted_reduction_times(job, per_node: int) -> Dict[str, float]:
@@ -115,9 +124,10 @@ def choose(job, per_node: int, predict=predicted_reduction_times) -> DPReduction
                                "unevenly, hierarchical cannot run)")
         times = predict(job, per_node)
         shown = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in sorted(times.items()))
-        requested = "hierarchical" if times.get("hierarchical", float("inf")) < \
-            times.get("flat", float("inf")) else "flat"
-        why = f"auto: planner predicts per gradient reduction {shown}"
+        faster = times.get("hierarchical", float("inf")) < times.get("flat", float("inf"))
+        requested = "hierarchical" if faster and nodes > 1 and _have_einops() else "flat"
+        why = f"auto: planner predicts per gradient reduction {shown}" + (
+            "; einops is not installed" if faster and not _have_einops() else "")
     else:
         why = "--dp-reduction " + requested
     if requested == "flat":
