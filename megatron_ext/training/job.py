@@ -166,6 +166,8 @@ class JobConfig:
                 "--context-parallel-size 1 (sample from a checkpoint under such a layout: "
                 "--load DIR --sample-prompt TEXT)")
         g, dp = self.gns, self.data_parallel_size
+        if g.gns_log_interval is None:
+            g.gns_log_interval = self.logging.log_interval
         if not g.gns:
             return
         two_batch = g.gns_estimator == "data-parallel"
