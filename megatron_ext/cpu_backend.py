@@ -319,7 +319,8 @@ def enable_cpu_backend(force: bool = False) -> bool:
     torch.Tensor.cuda = _tensor_cuda_on_cpu
     for name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
         importlib.import_module(name).clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
-    dist_opt = importlib.import_module("megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
+    dist_opt = importlib.import_module(
+        "megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
     dist_opt._build_model_and_main_param_groups = _cuda_type_names(
         dist_opt._build_model_and_main_param_groups.__func__)
     _enabled = True

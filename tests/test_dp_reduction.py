@@ -2,8 +2,9 @@
 
 Two torchrun agents of 2 gloo processes each on this machine are 2 "nodes" (LOCAL_WORLD_SIZE
 2, WORLD_SIZE 4): hierarchical then runs 2 optimizer instances of 2 ranks. Checks that the
-losses and B_simple equal the flat run's, and that a hierarchical checkpoint resumes under flat (the
-distributed optimizer's state is saved per parameter: any number of instances loads it). The decision logic (auto, layout checks) is tested without processes.
+losses and B_simple equal the flat run's, and that a hierarchical checkpoint resumes under
+flat (the distributed optimizer's state is saved per parameter: any number of instances
+loads it). The decision logic (auto, layout checks) is tested without processes.
 """
 import os
 import subprocess
@@ -122,3 +123,15 @@ def test_machine_check_names_the_flag(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="--dp-reduction hierarchical"):
         check_machine(_job(["--dp-reduction", "hierarchical"], 4), cuda=False)
+
+
+def test_cpu_backend_names_cpu_tensors_cuda_only_inside_the_wrapped_method():
+    import torch
+
+    from megatron_ext import cpu_backend
+
+    seen = []
+    wrapped = cpu_backend._cuda_type_names(lambda cls: seen.append(torch.zeros(1).type()))
+    wrapped.__func__(None)
+    assert seen == ["torch.cuda.FloatTensor"] and torch.zeros(1).type() == "torch.FloatTensor"
+    assert torch.zeros(1).type(torch.float64).dtype == torch.float64

@@ -214,7 +214,8 @@ def parse_job(argv: Optional[List[str]] = None, world_size: Optional[int] = None
 
 def check_machine(job: JobConfig, cuda: Optional[bool] = None) -> None:
     """What the job needs from this machine (not from its flags): CUDA for mixed precision,
-    nodes that split the data-parallel groups evenly for ``--dp-reduction hierarchical``, flash-attn for ``--attention-backend flash``, an existing
+    nodes that split the data-parallel groups evenly for ``--dp-reduction hierarchical``,
+    flash-attn for ``--attention-backend flash``, an existing
     ``--load`` directory (unless it is also ``--save``: a job script's auto-resume). Skipped
     by ``--plan-memory``, which plans GPU jobs anywhere."""
     if cuda is None:
