@@ -122,7 +122,11 @@ def choose(job, per_node: int, predict=predicted_reduction_times) -> DPReduction
             return DPReduction("flat", 1, p.use_distributed_optimizer,
                                "dp reduction: flat (auto: nodes split the data-parallel groups "
                                "unevenly, hierarchical cannot run)")
-        times = predict(job, per_node)
+        try:
+            times = predict(job, per_node)
+        except ValueError as e:  # e.g. a --topology smaller than this job
+            return DPReduction("flat", 1, p.use_distributed_optimizer,
+                               f"dp reduction: flat (auto: no prediction: {e})")
         shown = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in sorted(times.items()))
         faster = times.get("hierarchical", float("inf")) < times.get("flat", float("inf"))
         requested = "hierarchical" if faster and nodes > 1 and _have_einops() else "flat"
