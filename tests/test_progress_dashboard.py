@@ -29,6 +29,10 @@ def test_progress_counts_samples_with_an_eta_when_the_batch_grows(capsys):
                            "(<= 2 steps of batch 64) | iteration      640 |"), line
     assert "1500" not in line  # the iteration bound of the initial batch is not shown
     assert log.history[-1]["consumed_samples"] == 5920
+    log.iteration(641, 1500, _metrics(5984, 64, ms=250.0))  # (.1*256 + .09*128) / .19
+    assert "at 195.4 samples/s" in capsys.readouterr().out
+    log.iteration(642, 1500, _metrics(6000, 16, ms=250.0))  # a new batch: a new average
+    assert "ETA 0:00:00 at 64.0 samples/s (<= 0 steps of batch 16)" in capsys.readouterr().out
 
 
 def test_fixed_batch_keeps_the_iteration_progress(capsys):

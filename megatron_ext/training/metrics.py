@@ -80,6 +80,8 @@ def _f(value: Optional[float]) -> float:
     return float("nan") if value is None else float(value)
 
 
+#: Decay of the throughput EMA behind the ETA (per progress line).
+_RATE_DECAY = 0.9
 #: What :attr:`MetricsLogger.history` keeps of a progress line.
 _HISTORY = ("consumed_samples", "tokens", "lr", "lm_loss", "global_batch_size", "b_simple")
 
@@ -92,12 +94,6 @@ def samples_per_s(m: Dict[str, float]) -> float:
 def steps_left(budget: int, m: Dict[str, float]) -> int:
     """Steps still to run at the current batch: an upper bound, the batch only grows."""
     return -(-max(0, budget - int(m["consumed_samples"])) // int(m["global_batch_size"]))
-
-
-def eta_seconds(budget: int, m: Dict[str, float]) -> float:
-    """Time to spend the sample budget at the measured throughput of the current batch (an
-    upper bound while the batch still grows: larger batches run more samples per second)."""
-    return max(0, budget - m["consumed_samples"]) / max(samples_per_s(m), 1e-9)
 
 
 def format_eta(seconds: float) -> str:
@@ -118,6 +114,7 @@ class MetricsLogger:
         self.sample_budget: Optional[int] = None
         """--train-samples when the batch can grow: progress is counted in samples."""
         self.history: List[Dict[str, float]] = []  # the progress lines' numbers (dashboard)
+        self._rate_batch, self._rate_sum, self._rate_weight = None, 0.0, 0.0
         self.tensorboard_dir, self.json_path = cfg.tensorboard_dir, cfg.log_json
         if not enabled:
             return
@@ -165,15 +162,28 @@ class MetricsLogger:
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             print(f"> {msg}", flush=True)
 
+    def _throughput(self, m: Dict[str, float]) -> float:
+        """Samples/s of the current batch: a bias-corrected EMA over the progress lines since
+        the batch last changed (one step's wall time is noisy; a new batch runs at another
+        rate, so the average restarts)."""
+        batch = m["global_batch_size"]
+        if batch != self._rate_batch:
+            self._rate_batch, self._rate_sum, self._rate_weight = batch, 0.0, 0.0
+        self._rate_sum = _RATE_DECAY * self._rate_sum + (1 - _RATE_DECAY) * samples_per_s(m)
+        self._rate_weight = _RATE_DECAY * self._rate_weight + (1 - _RATE_DECAY)
+        return self._rate_sum / self._rate_weight
+
     def _progress(self, iteration: int, train_iters: int, m: Dict[str, float]):
         """(the head of a progress line, the metrics plus ``eta_s`` in sample mode)."""
         if self.sample_budget is None:
             return [f" iteration {iteration:8d}/{train_iters:8d}",
                     f"consumed samples: {int(m['consumed_samples']):12d}"], m
-        m = {**m, "eta_s": eta_seconds(self.sample_budget, m)}
+        rate = self._throughput(m)
+        m = {**m, "samples_per_s": rate,
+             "eta_s": max(0, self.sample_budget - m["consumed_samples"]) / max(rate, 1e-9)}
         return [f" samples {int(m['consumed_samples']):8d}/{self.sample_budget} "
                 f"({100.0 * m['consumed_samples'] / self.sample_budget:.1f}%)",
-                f"ETA {format_eta(m['eta_s'])} at {samples_per_s(m):.1f} samples/s "
+                f"ETA {format_eta(m['eta_s'])} at {rate:.1f} samples/s "
                 f"(<= {steps_left(self.sample_budget, m)} steps of batch "
                 f"{int(m['global_batch_size'])})",
                 f"iteration {iteration:8d}"], m
@@ -263,5 +273,5 @@ class MetricsLogger:
             self.json_file.close()
 
 
-__all__ = ["MetricsLogger", "TIMED_PHASES", "eta_seconds", "format_eta", "memory_gib",
+__all__ = ["MetricsLogger", "TIMED_PHASES", "format_eta", "memory_gib",
            "samples_per_s", "steps_left", "tflops_per_gpu"]
