@@ -98,7 +98,7 @@ def _noise_panel(ax, gns_history: Sequence[Dict], steps: Sequence[Dict]) -> None
     if values and max(values) / min(values) > 20:
         ax.set_yscale("log")
     ax.set_ylabel("samples")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower right", fontsize=8)  # B_simple and the batch rise to the right
     ax.set_title("Gradient noise scale and the global batch it drives", fontsize=10)
 
 
