@@ -57,8 +57,8 @@ def initialize_megatron(job) -> str:
         context_parallel_size=job.cp,
         num_distributed_optimizer_instances=reduction.instances,
     )
-    if torch.distributed.get_rank() == 0:
-        print(f"> {reduction.note}", flush=True)
+    if torch.distributed.get_rank() == 0 and job.parallel.dp_reduction != "flat":
+        print(f"> {reduction.note}", flush=True)  # auto's decision, hierarchical's layout
     set_seeds(job.training.seed)
     t = job.training
     init_num_microbatches_calculator(torch.distributed.get_rank(), None, t.global_batch_size,
