@@ -28,6 +28,7 @@ setup(
         "numpy",
         "packaging",
         "psutil",  # megatron dist_checkpointing writer needs it
+        "einops",  # megatron-core builds the groups of --dp-reduction hierarchical with it
     ],
     extras_require={
         # Optional accelerators are detected at run time; never list the unrelated PyPI `apex`.

@@ -31,6 +31,7 @@ core.pipeline_parallel.schedules            ``total_num_tokens`` created with de
 core.pipeline_parallel.p2p_communication    PP send/recv shape and activation buffers
 core.optimizer.clip_grads                   grad-norm reduction buffers with device="cuda"
 core.optimizer.optimizer                    ``found_inf`` / grad-norm tensors on cuda
+core.optimizer.distrib_optimizer            state shards allocated on current_device()
 core.dist_checkpointing.strategies.*        synchronize() and failure/alive flags on cuda
   (filesystem_async, state_dict_saver, async_utils)
 core.transformer.transformer_block          ``torch.cuda`` streams/RNG during recompute
@@ -54,6 +55,12 @@ raise): ``LanguageModule`` calls ``weight.data.cuda()`` to sync tied embeddings 
 ``clip_grad_by_total_norm_fp32`` (in ``core.optimizer.clip_grads`` and the name imported by
 ``core.optimizer.optimizer``) is replaced by an equivalent that does not assert
 ``grad.type() == 'torch.cuda.FloatTensor'``.
+
+``DistributedOptimizer._build_model_and_main_param_groups`` sorts parameters by
+``param.type()`` (``'torch.cuda.FloatTensor'`` etc.) and rejects anything else: while it
+runs, CPU tensors report their type under the CUDA name (:func:`_cuda_type_names`), so the
+distributed optimizer (``--use-distributed-optimizer``, ``--dp-reduction hierarchical``)
+shards fp32 CPU parameters exactly as it shards CUDA ones.
 
 The module refuses any other megatron-core version (:data:`SUPPORTED_MEGATRON_CORE`),
 because every patch above names a specific code path of that version.
@@ -84,6 +91,7 @@ PATCHED_MODULES = (
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.strategies.async_utils",
@@ -252,6 +260,27 @@ def _tensor_cuda_on_cpu(self, *args, **kwargs):
     return self
 
 
+def _cuda_type_names(method):
+    """``method`` (a classmethod's function) run while ``Tensor.type()`` names CPU tensors
+    ``torch.cuda.*Tensor``: the distributed optimizer's dtype dispatch compares those strings."""
+    def wrapper(cls, *args, **kwargs):
+        original = torch.Tensor.type
+
+        def cuda_named_type(self, dtype=None, non_blocking=False, **kw):
+            if dtype is None and not kw and self.device.type == "cpu":
+                return original(self).replace("torch.", "torch.cuda.", 1)
+            return original(self, dtype, non_blocking, **kw)
+
+        torch.Tensor.type = cuda_named_type
+        try:
+            return method(cls, *args, **kwargs)
+        finally:
+            torch.Tensor.type = original
+
+    wrapper.__name__ = method.__name__
+    return classmethod(wrapper)
+
+
 def megatron_core_version() -> str:
     from megatron.core import package_info
 
@@ -290,6 +319,10 @@ def enable_cpu_backend(force: bool = False) -> bool:
     torch.Tensor.cuda = _tensor_cuda_on_cpu
     for name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
         importlib.import_module(name).clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    dist_opt = importlib.import_module(
+        "megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
+    dist_opt._build_model_and_main_param_groups = _cuda_type_names(
+        dist_opt._build_model_and_main_param_groups.__func__)
     _enabled = True
     logger.info("megatron_ext CPU backend enabled for megatron-core %s", version)
     return True

@@ -54,8 +54,7 @@ def test_bad_flags_name_the_flag(argv, world, flag):
 
 
 @pytest.mark.parametrize("argv,flag", [(["--load", "/nonexistent/ckpt"], "--load"),
-                                       (["--bf16"], "--bf16"),
-                                       (["--use-distributed-optimizer"], "--use-distributed-optimizer")])
+                                       (["--bf16"], "--bf16")])
 def test_machine_checks_name_the_flag(argv, flag):
     job = parse_job(argv, world_size=1)
     with pytest.raises(ValueError, match=flag.replace("-", r"\-")):

@@ -114,7 +114,7 @@ def test_bad_flags_exit_with_one_line(tmp_path):
     ]
     (tmp_path / "a_file").write_text("not a directory")
     if not torch.cuda.is_available():
-        cases += [(["--use-distributed-optimizer"], "--use-distributed-optimizer"),
+        cases += [(["--dp-reduction", "hierarchical"], "--dp-reduction"),
                   (["--bf16"], "--bf16"),
                   (["--attention-backend", "flash"], "--attention-backend")]
     for extra, flag in cases:

@@ -102,7 +102,7 @@ class GNSComponent(Component):
 
     def after_step(self, state, step_time_s: float) -> None:
         if self.log is not None and self.last is not None \
-                and state.iteration % self.config.gns_log_interval == 0:
+                and state.iteration % (self.config.gns_log_interval or 1) == 0:
             self.log.gns(state.iteration, self.report(state))
 
     def metrics(self, state) -> Dict[str, float]:
@@ -125,8 +125,13 @@ class GNSComponent(Component):
                 "gns/skipped_samples": float(est.num_skipped_samples)}
 
     def finish(self, is_log_rank: bool) -> None:
-        if is_log_rank and self.config.gns_plot and self.tracker.plot(self.config.gns_plot):
-            self.log.announce(f"GNS plot written to {self.config.gns_plot}")
+        if not (is_log_rank and self.config.gns_plot):
+            return
+        from .plot import plot_dashboard
+
+        steps = self.log.step_history() if self.log is not None else []
+        if plot_dashboard(self.tracker.history, steps, self.config.gns_plot):
+            self.log.announce(f"GNS dashboard written to {self.config.gns_plot}")
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> Dict[str, Any]:

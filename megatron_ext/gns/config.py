@@ -42,8 +42,9 @@ class GNSConfig(FlagConfig):
     own weight-gradient path, so the measuring overhead is divided by it. The EMAs then see
     one step in N: lower --gns-ema-decay (e.g. 0.95 -> 0.95**N) to keep their time constant."""
 
-    gns_log_interval: int = 1
-    """Log B_simple (and the raw/EMA tr(Sigma), |G|^2) every this many optimizer steps."""
+    gns_log_interval: Optional[int] = None
+    """Log B_simple (and the raw/EMA tr(Sigma), |G|^2) every this many optimizer steps
+    (default: --log-interval)."""
 
     gns_plot: Optional[str] = None
     """If set, path of a PNG of B_simple vs consumed tokens written at the end of training."""
@@ -77,7 +78,8 @@ class GNSConfig(FlagConfig):
             raise ValueError(
                 f"--gns-measure-interval must be an integer >= 1 optimizer step (1 = every "
                 f"step), got {self.gns_measure_interval}")
-        if not isinstance(self.gns_log_interval, int) or self.gns_log_interval < 1:
+        if self.gns_log_interval is not None and (not isinstance(self.gns_log_interval, int)
+                                                  or self.gns_log_interval < 1):
             raise ValueError(
                 f"--gns-log-interval must be an integer >= 1 optimizer step, "
                 f"got {self.gns_log_interval}")

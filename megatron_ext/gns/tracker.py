@@ -92,6 +92,10 @@ class GNSTracker:
         self.dp_group = ps.get_data_parallel_group()
         self.dp_size = ps.get_data_parallel_world_size()
         self._shard_ranges = distributed_optimizer_shards(model_chunks)
+        # The distributed optimizer shards grads over one instance (all DP ranks, or a node's
+        # with --dp-reduction hierarchical); every instance holds the whole reduced grad.
+        self.shard_group = ps.get_data_parallel_group(with_context_parallel=True,
+                                                      partial_data_parallel=True)
 
     # ---------------------------------------------------------------- step protocol
     def begin_step(self, num_microbatches: int, micro_batch_size: int,
@@ -253,7 +257,7 @@ class GNSTracker:
         s, ls = B / self._num_tokens, self.loss_scale
         big_t = self._mp_sum(self._local_batch_sq_norm(reduce_sp=False), self._device())
         if self._shard_ranges is not None and self.dp_size > 1:
-            dist.all_reduce(big_t, group=self.dp_group)  # DP ranks hold disjoint shards
+            dist.all_reduce(big_t, group=self.shard_group)  # ranks hold disjoint shards
         big = float(big_t) / ls ** 2
         self.last_batch_sq_norm = big
         if self.estimator.estimator == "data-parallel":

@@ -52,6 +52,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_ext.model.layer_spec import unfused_norm_key
+from megatron_ext.training import dist_opt_checkpoint as dist_opt
 from megatron_ext.training.checkpoint_dir import CheckpointDir
 from megatron_ext.training.errors import CheckpointMismatch, JobError
 
@@ -216,7 +217,15 @@ def _sharded_state(model, optimizer, include_optim: bool,
         _match_saved_keys(model_sd, load_from)  # before the optimizer's keys derive from them
     state = {"model": model_sd}
     if include_optim:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        if is_loading:
+            dist_opt.check_optimizer_kind(optimizer, load_from)
+            dist_opt.allocate_state(optimizer)
+        # The distributed optimizer's state in model space (one tensor per parameter), so a
+        # checkpoint resumes under any DP layout and any number of optimizer instances
+        # (--dp-reduction flat/hierarchical); 0.16.1's default format is refused by its own
+        # dist_checkpointing ("flattened_range is not supported").
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=dist_opt.METADATA)
     return state
 
 
@@ -334,7 +343,7 @@ def _load_shards(ckpt_dir: str, model, optimizer, load_optim: bool) -> None:
                                  f"({reason})") from None
     model.load_state_dict(loaded["model"])
     if load_optim:
-        optimizer.load_state_dict(loaded["optimizer"])
+        dist_opt.load_optimizer_state(optimizer, loaded["optimizer"])
 
 
 def load_model(ckpt_dir: str, model, signature: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:

@@ -144,7 +144,14 @@ class ParallelConfig(FlagConfig):
     sequence_parallel: bool = False
     """Shard norm/dropout activations over TP (needs TP > 1)."""
     use_distributed_optimizer: bool = False
-    """Shard the optimizer state over data-parallel ranks (CUDA only)."""
+    """Shard the optimizer state over data-parallel ranks (megatron-core's distributed
+    optimizer: gradients are reduce-scattered, parameters all-gathered)."""
+    dp_reduction: str = field(default="flat", metadata=_choices("auto", "flat", "hierarchical"))
+    """Data-parallel gradient reduction: flat (one all-reduce, or one reduce-scatter with
+    --use-distributed-optimizer, over all data-parallel ranks), hierarchical (the distributed
+    optimizer with one instance per node: reduce-scatter inside a node over NVLink,
+    all-reduce of the shard across nodes) or auto (whichever the batch planner predicts
+    faster at the largest global batch the run may reach; decided and logged at start)."""
     overlap_grad_reduce: bool = False
     """Overlap the gradient reduction with the backward pass."""
     distributed_backend: str = field(default="auto", metadata=_choices("auto", "nccl", "gloo"))

@@ -46,11 +46,19 @@ def initialize_megatron(job) -> str:
     from megatron.core import parallel_state as ps
     from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
 
+    from megatron_ext.training import dp_reduction
+
+    # --dp-reduction: decided once, here, because megatron-core builds the groups of the
+    # distributed-optimizer instances (one per node for hierarchical) with the others.
+    reduction = dp_reduction.choose(job, dp_reduction.ranks_per_node(world_size=job.world_size))
     ps.initialize_model_parallel(
         tensor_model_parallel_size=job.tp,
         pipeline_model_parallel_size=job.pp,
         context_parallel_size=job.cp,
+        num_distributed_optimizer_instances=reduction.instances,
     )
+    if torch.distributed.get_rank() == 0 and job.parallel.dp_reduction != "flat":
+        print(f"> {reduction.note}", flush=True)  # auto's decision, hierarchical's layout
     set_seeds(job.training.seed)
     t = job.training
     init_num_microbatches_calculator(torch.distributed.get_rank(), None, t.global_batch_size,

@@ -117,6 +117,10 @@ class JobConfig:
                 f"for the load-balanced causal split")
         require(cp == 1 or m.attention_dropout == 0,
                 "--context-parallel-size > 1 needs --attention-dropout 0")
+        require(self.parallel.dp_reduction != "hierarchical"
+                or self.data_parallel_size * cp >= 2,
+                "--dp-reduction hierarchical reduces over data-parallel ranks: it needs "
+                "data-parallel size >= 2 (more processes, or --dp-reduction flat)")
 
     def _resolve_batch(self) -> None:
         t, dp = self.training, self.data_parallel_size
@@ -162,6 +166,8 @@ class JobConfig:
                 "--context-parallel-size 1 (sample from a checkpoint under such a layout: "
                 "--load DIR --sample-prompt TEXT)")
         g, dp = self.gns, self.data_parallel_size
+        if g.gns_log_interval is None:
+            g.gns_log_interval = self.logging.log_interval
         if not g.gns:
             return
         two_batch = g.gns_estimator == "data-parallel"
@@ -207,8 +213,9 @@ def parse_job(argv: Optional[List[str]] = None, world_size: Optional[int] = None
 
 
 def check_machine(job: JobConfig, cuda: Optional[bool] = None) -> None:
-    """What the job needs from this machine (not from its flags): CUDA for mixed precision
-    and the distributed optimizer, flash-attn for ``--attention-backend flash``, an existing
+    """What the job needs from this machine (not from its flags): CUDA for mixed precision,
+    nodes that split the data-parallel groups evenly for ``--dp-reduction hierarchical``,
+    flash-attn for ``--attention-backend flash``, an existing
     ``--load`` directory (unless it is also ``--save``: a job script's auto-resume). Skipped
     by ``--plan-memory``, which plans GPU jobs anywhere."""
     if cuda is None:
@@ -219,9 +226,10 @@ def check_machine(job: JobConfig, cuda: Optional[bool] = None) -> None:
     require(cuda or not (t.bf16 or t.fp16),
             "--bf16/--fp16 need a CUDA GPU (megatron-core's mixed-precision optimizer is "
             "CUDA-only): drop the flag to train in fp32 on CPU")
-    require(cuda or not job.parallel.use_distributed_optimizer,
-            "--use-distributed-optimizer needs CUDA (megatron-core's DistributedOptimizer wraps "
-            "CUDA tensors only): drop it on CPU")
+    from megatron_ext.training.dp_reduction import node_layout_problem, ranks_per_node
+
+    problem = node_layout_problem(job, ranks_per_node(world_size=job.world_size))
+    require(problem is None, problem or "")
     if job.attention.attention_backend == "flash":
         from megatron_ext.model.attention import flash_attn_available
 

@@ -3,6 +3,10 @@
 Main API: :class:`MetricsLogger` (every line format of the training log lives here),
 :func:`tflops_per_gpu`, :func:`memory_gib`, :data:`TIMED_PHASES`.
 
+When the global batch can grow and the run has a sample budget (``--train-samples``), the
+progress line counts samples (``samples 5920/6000``) with an ETA from the measured throughput
+instead of iterations of the initial batch (the iteration bound means nothing then).
+
 Every scalar goes to every sink the flags ask for (TensorBoard ``train/<name>``, a JSON line,
 Weights & Biases ``<name>``), so B_simple, the global batch and the GNS curves are in all of
 them. A W&B run resumed with ``--save`` continues the W&B run of the first attempt (its id
@@ -19,7 +23,7 @@ import json
 import logging
 import math
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -76,6 +80,29 @@ def _f(value: Optional[float]) -> float:
     return float("nan") if value is None else float(value)
 
 
+#: Decay of the throughput EMA behind the ETA (per progress line).
+_RATE_DECAY = 0.9
+#: What :attr:`MetricsLogger.history` keeps of a progress line.
+_HISTORY = ("consumed_samples", "tokens", "lr", "lm_loss", "global_batch_size", "b_simple")
+
+
+def samples_per_s(m: Dict[str, float]) -> float:
+    """Measured throughput of the last steps (wall time per step since the last line)."""
+    return m["global_batch_size"] / max(m["iteration_time_ms"] / 1e3, 1e-9)
+
+
+def steps_left(budget: int, m: Dict[str, float]) -> int:
+    """Steps still to run at the current batch: an upper bound, the batch only grows."""
+    return -(-max(0, budget - int(m["consumed_samples"])) // int(m["global_batch_size"]))
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 class MetricsLogger:
     """Writes on one rank only (``enabled``); ``announce`` prints on global rank 0."""
 
@@ -84,6 +111,10 @@ class MetricsLogger:
         """``cfg``: the LoggingConfig; ``run_config``: the job's settings for W&B."""
         self.enabled = enabled
         self.writer = self.json_file = self.wandb = None
+        self.sample_budget: Optional[int] = None
+        """--train-samples when the batch can grow: progress is counted in samples."""
+        self.history: List[Dict[str, float]] = []  # the progress lines' numbers (dashboard)
+        self._rate_batch, self._rate_sum, self._rate_weight = None, 0.0, 0.0
         self.tensorboard_dir, self.json_path = cfg.tensorboard_dir, cfg.log_json
         if not enabled:
             return
@@ -131,13 +162,38 @@ class MetricsLogger:
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             print(f"> {msg}", flush=True)
 
+    def _throughput(self, m: Dict[str, float]) -> float:
+        """Samples/s of the current batch: a bias-corrected EMA over the progress lines since
+        the batch last changed (one step's wall time is noisy; a new batch runs at another
+        rate, so the average restarts)."""
+        batch = m["global_batch_size"]
+        if batch != self._rate_batch:
+            self._rate_batch, self._rate_sum, self._rate_weight = batch, 0.0, 0.0
+        self._rate_sum = _RATE_DECAY * self._rate_sum + (1 - _RATE_DECAY) * samples_per_s(m)
+        self._rate_weight = _RATE_DECAY * self._rate_weight + (1 - _RATE_DECAY)
+        return self._rate_sum / self._rate_weight
+
+    def _progress(self, iteration: int, train_iters: int, m: Dict[str, float]):
+        """(the head of a progress line, the metrics plus ``eta_s`` in sample mode)."""
+        if self.sample_budget is None:
+            return [f" iteration {iteration:8d}/{train_iters:8d}",
+                    f"consumed samples: {int(m['consumed_samples']):12d}"], m
+        rate = self._throughput(m)
+        m = {**m, "samples_per_s": rate,
+             "eta_s": max(0, self.sample_budget - m["consumed_samples"]) / max(rate, 1e-9)}
+        return [f" samples {int(m['consumed_samples']):8d}/{self.sample_budget} "
+                f"({100.0 * m['consumed_samples'] / self.sample_budget:.1f}%)",
+                f"ETA {format_eta(m['eta_s'])} at {rate:.1f} samples/s "
+                f"(<= {steps_left(self.sample_budget, m)} steps of batch "
+                f"{int(m['global_batch_size'])})",
+                f"iteration {iteration:8d}"], m
+
     def iteration(self, iteration: int, train_iters: int, m: Dict[str, float]) -> None:
         """The progress line of one step (Megatron-LM's layout) plus its scalars."""
         if not self.enabled:
             return
-        parts = [
-            f" iteration {iteration:8d}/{train_iters:8d}",
-            f"consumed samples: {int(m['consumed_samples']):12d}",
+        parts, m = self._progress(iteration, train_iters, m)
+        parts += [
             f"elapsed time per iteration (ms): {m['iteration_time_ms']:.1f}",
             f"learning rate: {m['lr']:.6E}",
             f"global batch size: {int(m['global_batch_size']):5d}",
@@ -153,7 +209,18 @@ class MetricsLogger:
         if phases:
             parts.append("ms: " + ", ".join(phases))
         print(" | ".join(parts), flush=True)
+        self.history.append({"iteration": iteration, **{k: m[k] for k in _HISTORY if k in m}})
         self.scalars(iteration, m)
+
+    def step_history(self) -> List[Dict[str, float]]:
+        """Every progress line's numbers of the run: from --log-json when set (it spans the
+        attempts of a resumed run), else this process's."""
+        if self.json_file is None:
+            return list(self.history)
+        self.json_file.flush()
+        with open(self.json_path) as f:
+            rows = [json.loads(line) for line in f if line.strip().startswith("{")]
+        return [r for r in rows if "lm_loss" in r]
 
     def gns(self, iteration: int, r: Dict[str, float]) -> None:
         """Every --gns-log-interval steps: B_simple and its EMAs."""
@@ -206,4 +273,5 @@ class MetricsLogger:
             self.json_file.close()
 
 
-__all__ = ["MetricsLogger", "TIMED_PHASES", "memory_gib", "tflops_per_gpu"]
+__all__ = ["MetricsLogger", "TIMED_PHASES", "format_eta", "memory_gib",
+           "samples_per_s", "steps_left", "tflops_per_gpu"]

@@ -112,6 +112,18 @@ def build_transformer_config(job) -> TransformerConfig:
     )
 
 
+def dp_reduction_settings(job) -> Tuple[bool, int]:
+    """(distributed optimizer?, its instances) of this run: the instances are the groups
+    that :func:`~megatron_ext.training.initialize.initialize_megatron` asked megatron-core
+    for (``--dp-reduction``), read back from its parallel state."""
+    full = ps.get_data_parallel_world_size(with_context_parallel=True)
+    instances = full // ps.get_data_parallel_world_size(with_context_parallel=True,
+                                                       partial_data_parallel=True)
+    p = job.parallel
+    return (p.use_distributed_optimizer or p.dp_reduction == "hierarchical" or instances > 1,
+            instances)
+
+
 def build_model(job, config: TransformerConfig, padded_vocab: int, core_attention: type,
                 options: Optional[ModelOptions] = None) -> Tuple[GPTModel, DistributedDataParallel]:
     """GPTModel of this pipeline stage, initialised by name, wrapped for DDP.
@@ -145,12 +157,16 @@ def build_model(job, config: TransformerConfig, padded_vocab: int, core_attentio
     model.to(device)
     init_weights_by_name(model, config, job.training.seed)  # drawn where the model lives
     wrapped = Float16Module(config, model) if (config.bf16 or config.fp16) else model
+    distributed_optimizer, instances = dp_reduction_settings(job)
     ddp = DistributedDataParallel(
         config,
         DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=job.parallel.overlap_grad_reduce,
-            use_distributed_optimizer=job.parallel.use_distributed_optimizer,
+            use_distributed_optimizer=distributed_optimizer,
+            # --dp-reduction hierarchical: one optimizer instance per node (reduce-scatter
+            # inside it, all-reduce of the shard across instances); see dp_reduction.py.
+            num_distributed_optimizer_instances=instances,
             # NaN/Inf gradients stop training with a clear error (errors.TrainingDiverged);
             # fp16 instead relies on the loss scaler, which skips steps with Inf grads.
             check_for_nan_in_grad=not config.fp16,
@@ -197,7 +213,7 @@ def build_optimizer(job, config: TransformerConfig, ddp):
             weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
             adam_eps=o.adam_eps, sgd_momentum=o.sgd_momentum, clip_grad=o.clip_grad,
             bf16=t.bf16, fp16=t.fp16, params_dtype=config.params_dtype,
-            use_distributed_optimizer=job.parallel.use_distributed_optimizer),
+            use_distributed_optimizer=dp_reduction_settings(job)[0]),
         [ddp])
 
 

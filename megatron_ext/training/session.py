@@ -115,6 +115,8 @@ def setup(job) -> Run:
     checkpointer.signature = checkpointing.model_signature(job.model, padded_vocab)
     checkpointer.model_config = asdict(job.model)
     gns, growth = build_components(job, shape, log)
+    if growth is not None and t.train_samples is not None:
+        log.sample_budget = t.train_samples  # the batch grows: progress in samples
     built = build_gpt(job, padded_vocab, gns.model_options() if gns else None)
     gpt, model = built.gpt, built.ddp
     if gns:
