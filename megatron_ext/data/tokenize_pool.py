@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import multiprocessing
+import os
 import signal
 from typing import Callable, Iterable, Iterator, List, Tuple
 
@@ -67,7 +68,8 @@ def _encode_chunk(encode: Encoder, texts: List[str]) -> List[numpy.ndarray]:
 def _init_worker(args: TokenizerArgs, append_eod: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler (forked)
-    _worker_encode[:] = [make_encoder(build_tokenizer(args), append_eod)]
+    if not _worker_encode:  # spawned: a forked worker inherits the parent's encoder
+        _worker_encode[:] = [make_encoder(build_tokenizer(args), append_eod)]
 
 
 def _worker_chunk(texts: List[str]) -> List[numpy.ndarray]:
@@ -104,13 +106,19 @@ def ordered_tokenizer(args: TokenizerArgs, append_eod: bool, workers: int = 1):
         yield tokenizer, lambda chunks: (_encode_chunk(encode, c) for c in chunks)
         return
     methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    pool = context.Pool(workers, _init_worker, (args, append_eod))
+    fork = "fork" in methods
+    # Forked workers inherit the tokenizer built above: loading a HuggingFace tokenizer
+    # costs ~0.4 CPU-s per process, which on a few MB of text was a third of the work.
+    _worker_encode[:] = [make_encoder(tokenizer, append_eod)] if fork else []
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker
+    pool = multiprocessing.get_context("fork" if fork else "spawn").Pool(
+        workers, _init_worker, (args, append_eod))
     try:
         yield tokenizer, lambda chunks: _in_order(pool, chunks, 2 * workers)
     finally:
         pool.terminate()
         pool.join()
+        _worker_encode.clear()
 
 
 def _in_order(pool, chunks: Iterable[List[str]], window: int) -> Iterator[List[numpy.ndarray]]:

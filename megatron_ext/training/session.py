@@ -179,8 +179,22 @@ def run_step(run: Run, micro_batches: list) -> StepResult:
         update_ok, grad_norm, _ = run.optimizer.step()
     if run.device == "cuda":
         torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    if run.batch_growth is not None:
+        seconds = _slowest_rank(seconds, run.device)
     return StepResult(losses, None if grad_norm is None else float(grad_norm), bool(update_ok),
-                      time.perf_counter() - t0)
+                      seconds)
+
+
+def _slowest_rank(seconds: float, device: str) -> float:
+    """The step time of the slowest rank. The batch controller decides from step times
+    (goodput, the planner's refinement); every rank must see the same number or ranks would
+    choose different global batches and the next collective would hang."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
 
 
 @contextlib.contextmanager
