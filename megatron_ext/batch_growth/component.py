@@ -36,6 +36,8 @@ class BatchGrowthComponent(Component):
         self.lr_scaler = LRScaler(config.lr_scaling, initial_global_batch)
         self._b_simple = b_simple
         self.log = log
+        self.lr_fraction: Callable[[], float] = lambda: 1.0
+        """The LR schedule's current LR / peak (set by the session once the schedule exists)."""
 
     def describe(self) -> str:
         return f"batch growth: {self.config.batch_growth}, lr scaling: {self.config.lr_scaling}"
@@ -45,7 +47,7 @@ class BatchGrowthComponent(Component):
 
     def after_step(self, state, step_time_s: float) -> None:
         progress = Progress(state.iteration, state.consumed_samples, state.consumed_tokens,
-                            state.global_batch_size)
+                            state.global_batch_size, self.lr_fraction())
         new = self.controller.step(progress, self._b_simple(), step_time_s)
         if new is None:
             return
