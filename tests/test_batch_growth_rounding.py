@@ -45,7 +45,8 @@ def test_controller_never_picks_a_prime_batch():
 
 def test_ramp_keeps_megatrons_sizes():
     c = BatchGrowthConfig(batch_growth="ramp", batch_growth_max=40, rampup_batch_size=[8, 8, 320])
-    ctl, batch, seen = BatchController(c, 8, granularity=1), 8, []
+    ramp = lambda samples: min(40, 8 + 8 * (samples // 80))  # noqa: E731 (Megatron's 8 8 320)
+    ctl, batch, seen = BatchController(c, 8, granularity=1, ramp=ramp), 8, []
     for it in range(1, 200):
         new = ctl.step(Progress(it, it * 8, 0, batch))
         if new:
@@ -67,3 +68,17 @@ def test_snap_for_layout_grows_to_the_next_split():
     assert snap_for_layout(7, 1, 2) == 8        # issue 13: batch 7 resumed on DP=2
     assert snap_for_layout(48, 4, 8) == 64
     assert snap_for_layout(64, 4, 8) == 64
+
+
+def test_resume_batch_on_a_new_data_parallel_size():
+    from megatron_ext.batch_growth.rounding import resume_batch
+
+    saved = dict(iteration=40, consumed_samples=300, global_batch_size=7, micro_batch_size=7)
+    same, note = resume_batch(saved, 8, 1)
+    assert same == saved and note is None                    # still splits: unchanged
+    snapped, note = resume_batch(saved, 1, 2)                # issue 13: DP=1 -> DP=2
+    assert snapped["global_batch_size"] == 8 and snapped["micro_batch_size"] == 1
+    assert note.count("\n") == 0 and "7" in note and "8" in note
+    # the checkpoint's micro-batch does not fit the new layout but the flags' does
+    other, note = resume_batch(dict(saved, global_batch_size=48, micro_batch_size=12), 2, 8)
+    assert other["global_batch_size"] == 48 and other["micro_batch_size"] == 2 and note is None

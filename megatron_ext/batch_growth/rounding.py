@@ -1,7 +1,8 @@
 """Which global batches a growing run may pick (pure Python).
 
 Main API: ``BatchGrid(quantum, rounding)`` with ``contains(b)``, ``batches(lo, hi)``,
-``round_down(target, current)``; ``snap_for_layout(batch, micro, dp)``.
+``round_down(target, current)``; ``snap_for_layout(batch, micro, dp)`` and
+``resume_batch(saved_train_state, micro, dp)`` (a resume on another data-parallel size).
 
 Why not any integer: a batch must split into whole micro-batches on every data-parallel
 rank, and a prime batch (7, 11, 13, ...) only splits into micro-batches of 1, which wastes
@@ -71,4 +72,21 @@ def snap_for_layout(batch: int, micro_batch: int, dp_size: int) -> int:
     return -(-batch // per_step) * per_step
 
 
-__all__ = ["BatchGrid", "ROUNDING_RULES", "snap_for_layout"]
+def resume_batch(saved: dict, micro_batch: int, dp_size: int):
+    """A grown run's checkpointed train state (``global_batch_size``, ``micro_batch_size``)
+    resumed on ``dp_size`` ranks with the flags' ``micro_batch``: returns ``(saved, note)``,
+    unchanged with note None when the batch still splits, else with the batch snapped up
+    to the next size that does (issue 13: batch 7 from DP=1 resumed on DP=2) and one line
+    saying so."""
+    batch, micro = int(saved["global_batch_size"]), int(saved["micro_batch_size"])
+    if batch % (micro * dp_size) == 0:
+        return saved, None
+    if batch % (micro_batch * dp_size) == 0:
+        return dict(saved, micro_batch_size=micro_batch), None
+    snapped = snap_for_layout(batch, micro_batch, dp_size)
+    note = (f"resuming the grown global batch {batch} as {snapped}: {batch} does not split "
+            f"into micro-batches of {micro_batch} over {dp_size} data-parallel ranks")
+    return dict(saved, global_batch_size=snapped, micro_batch_size=micro_batch), note
+
+
+__all__ = ["BatchGrid", "ROUNDING_RULES", "resume_batch", "snap_for_layout"]
