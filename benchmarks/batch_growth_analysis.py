@@ -231,16 +231,19 @@ def _plot(sched, runs, centres, res, out: Path) -> None:
     fig, ax = plt.subplots(2, 2, figsize=(12, 9))
     for r in shown:
         d = r["data"]
-        ax[0, 0].plot(centres, r["curve"], label=r["label"])
-        ax[0, 1].plot([steps_at(d, c) for c in centres], r["curve"], label=r["label"])
+        line, = ax[0, 0].plot(centres, r["curve"], label=r["label"],
+                              ls="--" if r["group"] == "fixed" else "-")
+        color = line.get_color()
+        ax[0, 1].plot([steps_at(d, c) for c in centres], r["curve"], color=color,
+                      ls=line.get_linestyle())
         if r["group"] != "fixed":
-            line, = ax[1, 0].plot(d["samples"], d["batch"], label=f"{r['label']} batch")
-            if r["group"] in ("gns", "goodput"):
-                ax[1, 0].plot(d["samples"], d["b_simple"], ":", color=line.get_color(),
+            ax[1, 0].plot(d["samples"], d["batch"], color=color, label=f"{r['label']} batch")
+            if r["group"] in ("gns", "goodput", "variant"):
+                ax[1, 0].plot(d["samples"], d["b_simple"], ":", color=color,
                               label=f"{r['label']} B_simple")
         for ti, h in r.get("reach", {}).items():
             if h:
-                ax[1, 1].scatter(h["samples"], h["steps"], s=12,
+                ax[1, 1].scatter(h["samples"], h["steps"], s=14, color=color,
                                  marker="o" if r["group"] == "fixed" else "*")
     for ti in range(len(res["targets"])):
         f = res["frontier"].get(f"{ti}/s{seed}")
@@ -255,6 +258,8 @@ def _plot(sched, runs, centres, res, out: Path) -> None:
     ax[1, 1].set(xlabel="samples to target", ylabel="steps to target", xscale="log",
                  yscale="log", title="targets reached (dots fixed, stars growth); frontier")
     ax[0, 0].legend(fontsize=6), ax[1, 0].legend(fontsize=6)
+    ax[0, 0].text(0.01, 0.01, "fixed batches at their best LR (dashed)", fontsize=6,
+                  transform=ax[0, 0].transAxes)
     fig.tight_layout()
     fig.savefig(out / f"plots_{sched}.png", dpi=100)
     plt.close(fig)
