@@ -226,6 +226,8 @@ def parse_args(argv=None):
     p.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
                    help="extra growth run with these flags (e.g. 'gns-k2=--batch-growth gns "
                         "--batch-growth-k 2'); runs already in --out-dir are reused")
+    p.add_argument("--only", help="run only these labels (comma list, e.g. the --variant "
+                                  "labels); analysis still needs the rest of the grid")
     p.add_argument("--analyse-only", action="store_true", help="re-analyse existing logs")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -254,6 +256,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs = build_grid(cfg, out)
     t0 = time.perf_counter()
+    if args.only:
+        keep = set(args.only.split(","))
+        todo = [r for r in runs if r["label"] in keep]
+        run_grid(todo, cfg, out, max(1, args.jobs))
+        print(f"ran {len(todo)} runs ({args.only}); analyse with the whole grid in one dir")
+        return 0
     if not args.analyse_only:
         run_grid(runs, cfg, out, max(1, args.jobs))
     else:
