@@ -229,6 +229,8 @@ def _plot(sched, runs, centres, res, out: Path) -> None:
                 best_lr[b] = r
     shown = list(best_lr.values()) + [r for r in runs if r["group"] != "fixed" and r["seed"] == seed]
     fig, ax = plt.subplots(2, 2, figsize=(12, 9))
+    for a in ax.flat:  # (more runs than the default 10 colours)
+        a.set_prop_cycle(color=plt.cm.tab20(np.linspace(0, 1, 20)))
     for r in shown:
         d = r["data"]
         line, = ax[0, 0].plot(centres, r["curve"], label=r["label"],
