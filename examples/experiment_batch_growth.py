@@ -1,5 +1,10 @@
 """Experiment: dynamic global batch vs fixed batches at an equal sample (token) budget.
 
+Superseded by ``benchmarks/bench_batch_growth.py`` (issue 13): this script's verdict is a
+single-seed first crossing of a 5-step moving average against one target, which flips with
+the seed; use the benchmark to decide anything. It stays only because
+``benchmarks/gpu_suite.sh growth`` passes GPU model flags through it.
+
 Main API: ``python examples/experiment_batch_growth.py --out-dir runs/growth [pretrain flags...]``
 
 Runs ``examples/pretrain_gpt.py`` once per fixed global batch in ``--fixed-batches`` and once

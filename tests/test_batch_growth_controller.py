@@ -8,8 +8,11 @@ from megatron_ext.batch_growth import (BatchController, BatchGrowthConfig, Batch
 
 
 def cfg(**kw):
+    # (rounding "any": these tests pin the multiples-of-the-quantum arithmetic; the default
+    # "efficient" grid is tested in test_batch_growth_rounding.py)
     base = dict(batch_growth="gns", batch_growth_max=1024, batch_growth_interval=10,
-                batch_growth_min_steps=0, batch_growth_threshold=1.0)
+                batch_growth_min_steps=0, batch_growth_threshold=1.0,
+                batch_growth_rounding="any")
     base.update(kw)
     return BatchGrowthConfig(**base)
 

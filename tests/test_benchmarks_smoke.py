@@ -39,3 +39,21 @@ def test_gpu_suite_script_parses():
     r = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_suite.sh")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_batch_growth_benchmark_quick(tmp_path):
+    """bench_batch_growth.py --quick: the whole grid on a tiny model (fixed batches, a
+    Megatron ramp, gns, goodput), the analysis, summary.json and the plots (< 60 s)."""
+    import json
+
+    text = _run(str(ROOT / "benchmarks" / "bench_batch_growth.py"), "--quick", "--jobs", "1",
+                "--out-dir", str(tmp_path), timeout=240)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    cosine = summary["cosine"]
+    assert len(cosine["targets"]) == 4 and "gns" in cosine["rules"]
+    assert {"fixed-4-lr1", "fixed-8-lr1", "fixed-16-lr1", "ramp-0.5", "goodput"} <= set(
+        cosine["rules"])
+    assert "gns_saves_25pct_every_target" in cosine["verdict"]
+    assert (tmp_path / "plots_cosine.png").stat().st_size > 0 and "| run |" in text
+    # every run evaluated the same validation samples at the same marks (+- one batch)
+    assert all(r["final_valid"] is not None for r in summary["runs"])

@@ -231,3 +231,45 @@ def test_package_is_torch_free():
     code = ("import sys, megatron_ext.gns, megatron_ext.gns.plot; "
             "assert 'torch' not in sys.modules and 'megatron.core' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- memory in tokens
+def test_ema_memory_in_tokens_is_the_same_whatever_the_batch():
+    """A step change of the noise: with --gns-ema-tokens, B_simple has moved the same
+    distance after the same number of tokens at batch 8 and at batch 64 (in steps it would
+    take 8x as many tokens at batch 64)."""
+    def after(batch, tokens_per_sample=128, memory=20 * 8 * 128, new_tokens=4096 * 128):
+        est, t = GNSEstimator(0.95, ema_tokens=memory), 0
+        for g in (1.0, 3.0):                    # |G|^2 drops 1 -> 1/3 at half-time
+            for _ in range(new_tokens // (batch * tokens_per_sample)):
+                t += batch * tokens_per_sample
+                est._accept(1.0 / g, 10.0, batch, t)
+        return est.b_simple
+    assert after(8) == pytest.approx(after(64), rel=1e-6)
+    assert after(8) == pytest.approx(30.0, rel=1e-3)   # long enough: the new value
+
+
+def test_ema_tokens_with_constant_step_equals_step_decay():
+    a, b = GNSEstimator(0.9), GNSEstimator(0.5, ema_tokens=1000 / -np.log(0.9))
+    for i in range(1, 30):
+        norms = [1.0 + (i % 3), 2.0, 3.0, 6.0 + i % 5]
+        _per_sample(a, norms, 1.0, tokens=1000 * i)
+        _per_sample(b, norms, 1.0, tokens=1000 * i)
+    assert b.b_simple == pytest.approx(a.b_simple, rel=1e-12)
+    state = json.loads(json.dumps(b.state_dict()))
+    c = GNSEstimator()
+    c.load_state_dict(state)
+    assert c.ema_tokens == b.ema_tokens and c.last_tokens == 29000
+    with pytest.raises(ValueError, match="ema_tokens"):
+        GNSEstimator(ema_tokens=0)
+
+
+def test_loads_state_written_before_the_ema_weight():
+    a = GNSEstimator(0.9)
+    for i in range(5):
+        _per_sample(a, [1.0, 2.0, 3.0, 6.0 + i], 1.0, tokens=i)
+    old = {k: v for k, v in a.state_dict().items()
+           if k not in ("trace_ema_weight", "gsq_ema_weight", "ema_tokens", "last_tokens")}
+    b = GNSEstimator()
+    b.load_state_dict(old)
+    assert b.b_simple == pytest.approx(a.b_simple, rel=1e-12)

@@ -86,3 +86,14 @@ def test_real_optimizer_decays_matrices_only():
         for name, p in built.gpt.named_parameters():
             expected = 0.0 if p.dim() == 1 or name.endswith(".bias") else 0.1
             assert decay[id(p)] == expected, name
+
+
+def test_wsd_is_stable_then_decays_linearly_over_the_last_samples():
+    cfg = ScheduleConfig(lr=3e-4, min_lr=0.0, lr_decay_style="WSD", lr_warmup_samples=100,
+                         lr_decay_samples=1100, lr_wsd_decay_samples=200)
+    s = LRSchedule(cfg, OptimizerSettings(weight_decay=0.1), _optimizer())
+    assert _at(s, 500) == pytest.approx(3e-4) and _at(s, 900) == pytest.approx(3e-4)
+    assert _at(s, 1000) == pytest.approx(1.5e-4) and _at(s, 1100) == pytest.approx(0.0)
+    assert s.fraction() == pytest.approx(0.0)
+    _at(s, 1000)
+    assert s.fraction() == pytest.approx(0.5)   # read by --batch-growth-lr-aware

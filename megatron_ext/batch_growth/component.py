@@ -38,6 +38,8 @@ class BatchGrowthComponent(Component):
         self.log = log
         self.planner = planner
         self._step_times = None  # (predicted before the step was measured, measured) seconds
+        self.lr_fraction: Callable[[], float] = lambda: 1.0
+        """The LR schedule's current LR / peak (set by the session once the schedule exists)."""
 
     def describe(self) -> str:
         return (f"batch growth: {self.config.batch_growth}, lr scaling: {self.config.lr_scaling}"
@@ -48,7 +50,7 @@ class BatchGrowthComponent(Component):
 
     def after_step(self, state, step_time_s: float) -> None:
         progress = Progress(state.iteration, state.consumed_samples, state.consumed_tokens,
-                            state.global_batch_size)
+                            state.global_batch_size, self.lr_fraction())
         if self.planner is not None:  # prediction first, so its error shows in metrics()
             mbs, m = state.micro_batch_size, state.num_microbatches
             self._step_times = (self.planner.predict_step_time(mbs, m), step_time_s)

@@ -16,6 +16,8 @@ from typing import List, Optional
 
 from megatron_ext.config_flags import FlagConfig
 
+from .rounding import ROUNDING_RULES
+
 GROWTH_RULES = ("off", "ramp", "gns", "goodput")
 LR_SCALING_RULES = ("none", "sqrt", "linear", "adascale")
 
@@ -47,6 +49,16 @@ class BatchGrowthConfig(FlagConfig):
 
     batch_growth_k: float = 1.0
     """`gns` rule target is k * B_simple (k=1 is the critical batch estimate)."""
+
+    batch_growth_lr_aware: bool = False
+    """`gns` rule: scale the target by the LR schedule's current LR / peak LR, since a decayed
+    LR inflates B_simple by about the inverse factor (temperature eta/B)."""
+
+    batch_growth_rounding: str = field(default="efficient", metadata={"argparse": {
+        "choices": ROUNDING_RULES}})
+    """Batches a growing run may pick: `efficient` = quantum x {1, 2, 3, 4, 6, 8, 12, ...}
+    (quantum = data-parallel size x granularity; whole micro-batches, valid on power-of-two
+    DP changes) or `any` multiple of the quantum."""
 
     batch_growth_threshold: float = 1.1
     """Hysteresis: grow only if the predicted gain (goodput ratio for `goodput`,

@@ -14,13 +14,16 @@ Rules (`--batch-growth`):
   ramp     Megatron's --rampup-batch-size schedule over consumed samples, computed by
            megatron-core's own ramp-up calculator (`ramp.py`), then rounded to a valid batch.
   gns      target k * B_simple (McCandlish et al. 2018, "An Empirical Model of Large-Batch
-           Training": the critical batch is ~B_noise ~ B_simple), clamped and rounded down.
+           Training": the critical batch is ~B_noise ~ B_simple), clamped and rounded down;
+           with --batch-growth-lr-aware, k * B_simple * lr/lr_peak (see `_decide_gns`).
   goodput  argmax_B throughput(B) * efficiency(B), efficiency(B) = (B_noise + B0) /
            (B_noise + B) (Pollux, Qiao et al. OSDI'21, eq. 8; B0 = initial batch), with
            throughput from the planner's step-time model times a per-batch-size EMA of
            measured/predicted step time.
 Hysteresis (gns, goodput): grow only after --batch-growth-min-steps steps at the current
 batch and only when the predicted gain is >= --batch-growth-threshold.
+Batches come from `rounding.BatchGrid` (--batch-growth-rounding): with `efficient`, quantum x
+{1, 2, 3, 4, 6, 8, ...}, intersected with the planner's valid batches.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
 from .config import BatchGrowthConfig
+from .rounding import BatchGrid
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,9 @@ class Progress:
     """Tokens of all completed steps."""
     global_batch: int
     """The global batch the run uses now."""
+    lr_fraction: float = 1.0
+    """The LR schedule's current LR over its peak (before --lr-scaling); read by the
+    LR-aware `gns` target."""
 
 
 @dataclass
@@ -99,6 +106,12 @@ class BatchController:
 
             ramp = megatron_rampup(*config.rampup_batch_size, final=config.batch_growth_max)
         self.ramp = ramp
+        # Quantum of the grid: the data-parallel size (planner) or micro x dp (granularity);
+        # the planner additionally checks each size splits into its micro-batches.
+        quantum = planner.dp_size if planner is not None else self.granularity
+        self.grid = BatchGrid(quantum, config.batch_growth_rounding)
+        # the ramp reproduces Megatron's --rampup-batch-size sizes, not the grid's
+        self.ramp_grid = BatchGrid(quantum, "any")
         self.base_global_batch = initial_global_batch
         self.lo, self.hi = config.bounds(initial_global_batch)
         self.changed_at_iteration = 0
@@ -109,25 +122,22 @@ class BatchController:
         self.history: List[dict] = []
 
     # ------------------------------------------------------------------ helpers
-    def _round_down(self, target: float, current: int) -> Optional[int]:
+    def _valid(self, lo: int, hi: int, grid: Optional[BatchGrid] = None) -> List[int]:
+        """Grid sizes in [lo, hi] that the planner (if any) can split."""
+        sizes = (grid or self.grid).batches(lo, hi)
+        if self.planner is not None:
+            sizes = [b for b in sizes if self.planner.is_valid(b)]
+        return sizes
+
+    def _round_down(self, target: float, current: int,
+                    grid: Optional[BatchGrid] = None) -> Optional[int]:
         """Largest valid batch in (current, target] (None if there is none)."""
         target = int(math.floor(target))
-        if target <= current:
-            return None
-        if self.planner is not None:
-            valid = self.planner.valid_global_batches(current + 1, target)
-            return valid[-1] if valid else None
-        b = target - target % self.granularity
-        return b if b > current else None
+        valid = self._valid(current + 1, target, grid) if target > current else []
+        return valid[-1] if valid else None
 
     def _candidates(self, current: int) -> List[int]:
-        lo = max(current, self.lo)
-        if self.planner is not None:
-            cands = self.planner.valid_global_batches(lo, self.hi)
-        else:
-            start = -(-lo // self.granularity) * self.granularity
-            cands = list(range(start, self.hi + 1, self.granularity))
-        return sorted(set(cands) | {current})
+        return sorted(set(self._valid(max(current, self.lo), self.hi)) | {current})
 
     def _correction_for(self, batch: int) -> float:
         """Measured/predicted step-time factor; unmeasured sizes borrow the nearest measured
@@ -162,14 +172,22 @@ class BatchController:
     # ------------------------------------------------------------------ rules
     def _decide_ramp(self, p: Progress):
         target = max(self.lo, min(self.hi, self.ramp(p.consumed_samples)))
-        cand = self._round_down(target, p.global_batch)
+        cand = self._round_down(target, p.global_batch, self.ramp_grid)
         gain = target / p.global_batch
         if cand is None:
             return None, gain, f"ramp target {target} at {p.consumed_samples} samples"
         return cand, gain, f"ramp: {p.consumed_samples} samples consumed -> {target}"
 
-    def _decide_gns(self, b_simple: float, current: int):
+    def _decide_gns(self, b_simple: float, current: int, lr_fraction: float = 1.0):
+        """Target k * B_simple. LR-aware: B_simple measured at an LR decayed to a fraction f
+        of its peak is inflated by about 1/f (the "temperature" eta/B sets the noise level
+        the iterate settles to, Smith & Le 2018, Mandt et al. 2017; McCandlish et al.'s
+        eps_opt(B) = eps_max / (1 + B_noise / B) ties step size and batch), so the batch
+        that the peak-LR noise scale calls for is k * B_simple * f: no growth that merely
+        chases the decay."""
         k = self.config.batch_growth_k
+        if self.config.batch_growth_lr_aware:
+            k *= max(0.0, min(1.0, lr_fraction))
         target = min(max(k * b_simple, self.lo), self.hi)
         cand = self._round_down(target, current)
         if cand is None:
@@ -229,7 +247,7 @@ class BatchController:
         elif bs is None:
             cand, gain, reason = None, None, "no B_simple estimate yet"
         elif rule == "gns":
-            cand, gain, reason = self._decide_gns(bs, current)
+            cand, gain, reason = self._decide_gns(bs, current, p.lr_fraction)
         else:
             cand, gain, reason = self._decide_goodput(bs, current)
         hold = self._hold(p, gain) if cand is not None and rule != "ramp" else None

@@ -37,6 +37,11 @@ class GNSConfig(FlagConfig):
     """Decay of the bias-corrected EMAs of tr(Sigma) and |G|^2; B_simple is their ratio.
     Closer to 1 = smoother but slower to follow changes of the noise scale."""
 
+    gns_ema_tokens: Optional[int] = None
+    """If set, the EMAs' memory in tokens instead of steps: an update covering dT new tokens
+    decays them by exp(-dT / this), so the memory does not grow with the batch (and needs no
+    retuning with --gns-measure-interval). --gns-ema-decay is then unused."""
+
     gns_measure_interval: int = 1
     """Measure on every this-many-th optimizer step only; the other steps run megatron-core's
     own weight-gradient path, so the measuring overhead is divided by it. The EMAs then see
@@ -74,6 +79,9 @@ class GNSConfig(FlagConfig):
             raise ValueError(
                 f"--gns-ema-decay must be in the open interval (0, 1) (typical 0.9-0.99), "
                 f"got {self.gns_ema_decay}")
+        if self.gns_ema_tokens is not None and self.gns_ema_tokens < 1:
+            raise ValueError(f"--gns-ema-tokens must be >= 1 token (e.g. 20 x the tokens of "
+                             f"one step), got {self.gns_ema_tokens}")
         if not isinstance(self.gns_measure_interval, int) or self.gns_measure_interval < 1:
             raise ValueError(
                 f"--gns-measure-interval must be an integer >= 1 optimizer step (1 = every "

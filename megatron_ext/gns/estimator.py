@@ -3,6 +3,11 @@
 Main API: `GNSEstimator.update(small_sq_norms, small_batch, big_sq_norm, big_batch, tokens)`
 returns a `GNSMeasurement` (or None for a skipped step); `b_simple` is the current estimate.
 
+Memory of the EMAs: `ema_decay` per update (counted in steps), or with `ema_tokens` a decay
+of exp(-dT / ema_tokens) for an update that covers dT new tokens, so the memory is the same
+number of tokens whatever the batch (issue 13: counted in steps it was ~160 samples at
+batch 8 and ~1200 at batch 60, so while B_simple rose the batch trailed it by 10-30%).
+
 Background (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training"):
 the simple noise scale is B_simple = tr(Sigma) / |G|^2, with G the true gradient and Sigma the
 per-sample gradient covariance. For a batch of B independent samples with per-sample
@@ -63,22 +68,26 @@ class GNSMeasurement:
 
 
 class _BiasCorrectedEMA:
-    """EMA with Adam-style bias correction, so early values are not pulled towards 0."""
+    """EMA with Adam-style bias correction, so early values are not pulled towards 0; the
+    decay may change per update (`weight` = 1 - product of the decays so far)."""
 
     def __init__(self, decay: float):
         self.decay = decay
         self.biased = 0.0
         self.count = 0
+        self.weight = 0.0
 
-    def update(self, x: float) -> None:
-        self.biased = self.decay * self.biased + (1.0 - self.decay) * x
+    def update(self, x: float, decay: Optional[float] = None) -> None:
+        d = self.decay if decay is None else decay
+        self.biased = d * self.biased + (1.0 - d) * x
+        self.weight = d * self.weight + (1.0 - d)
         self.count += 1
 
     @property
     def value(self) -> Optional[float]:
-        if self.count == 0:
+        if self.count == 0 or self.weight <= 0.0:
             return None
-        return self.biased / (1.0 - self.decay ** self.count)
+        return self.biased / self.weight
 
 
 def _finite(x) -> bool:
@@ -100,9 +109,15 @@ class GNSEstimator:
     App. A.1 do the same).
     """
 
-    def __init__(self, ema_decay: float = 0.95, estimator: str = "per-sample"):
+    def __init__(self, ema_decay: float = 0.95, estimator: str = "per-sample",
+                 ema_tokens: Optional[float] = None):
         if not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
+        if ema_tokens is not None and not ema_tokens > 0:
+            raise ValueError(f"ema_tokens must be > 0 (or None: memory in steps), got "
+                             f"{ema_tokens}")
+        self.ema_tokens = None if ema_tokens is None else float(ema_tokens)
+        self.last_tokens = 0
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.ema_decay = float(ema_decay)
@@ -136,9 +151,17 @@ class GNSEstimator:
         """Count a step whose measurement is unusable (e.g. no loss tokens)."""
         self.num_skipped_steps += 1
 
+    def _decay(self, tokens: int) -> Optional[float]:
+        """Per-update decay: None (= ema_decay) in steps, else exp(-new tokens / memory)."""
+        if self.ema_tokens is None:
+            return None
+        return math.exp(-max(0, int(tokens) - self.last_tokens) / self.ema_tokens)
+
     def _accept(self, gsq: float, trace: float, batch: float, tokens: int) -> GNSMeasurement:
-        self._gsq.update(gsq)
-        self._trace.update(trace)
+        decay = self._decay(tokens)
+        self.last_tokens = max(self.last_tokens, int(tokens))
+        self._gsq.update(gsq, decay)
+        self._trace.update(trace, decay)
         self.num_updates += 1
         self.last = GNSMeasurement(
             step=self.num_updates, tokens=int(tokens), batch_size=float(batch),
@@ -195,6 +218,10 @@ class GNSEstimator:
         return {
             "version": 1,
             "ema_decay": self.ema_decay,
+            "ema_tokens": self.ema_tokens,
+            "last_tokens": self.last_tokens,
+            "trace_ema_weight": self._trace.weight,
+            "gsq_ema_weight": self._gsq.weight,
             "estimator": self.estimator,
             "trace_ema_biased": self._trace.biased,
             "trace_ema_count": self._trace.count,
@@ -217,6 +244,11 @@ class GNSEstimator:
         self._trace.count = int(state["trace_ema_count"])
         self._gsq.biased = float(state["gsq_ema_biased"])
         self._gsq.count = int(state["gsq_ema_count"])
+        # states written before the weight was kept: constant decay, 1 - decay**count
+        for ema, key in ((self._trace, "trace_ema_weight"), (self._gsq, "gsq_ema_weight")):
+            ema.weight = float(state.get(key, 1.0 - self.ema_decay ** ema.count))
+        self.ema_tokens = state.get("ema_tokens", self.ema_tokens)
+        self.last_tokens = int(state.get("last_tokens", 0))
         self.num_updates = int(state["num_updates"])
         self.num_skipped_samples = int(state["num_skipped_samples"])
         self.num_skipped_steps = int(state["num_skipped_steps"])

@@ -65,7 +65,8 @@ class GNSTracker:
 
     def __init__(self, config: GNSConfig, *, flush_elements: int = 1 << 24):
         self.config = config
-        self.estimator = GNSEstimator(config.gns_ema_decay, config.gns_estimator)
+        self.estimator = GNSEstimator(config.gns_ema_decay, config.gns_estimator,
+                                      config.gns_ema_tokens)
         self.history: List[dict] = []
         self.flush_elements = int(flush_elements)
         self.params: List[torch.nn.Parameter] = []

@@ -138,6 +138,12 @@ class Checkpointer:
             signature=self.signature)
         self._carry(loop)
         saved = loop["train_state"]
+        if not keep_batch:  # a growing batch: snap to one this layout can split
+            from megatron_ext.batch_growth.rounding import resume_batch
+
+            saved, note = resume_batch(saved, state.micro_batch_size, state.data_parallel_size)
+            if note:
+                self.log.announce(note)
         try:
             state.load_state_dict(saved, keep_batch=keep_batch)
         except BatchSplitError as e:

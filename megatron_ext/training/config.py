@@ -269,8 +269,12 @@ class ScheduleConfig(FlagConfig):
     """Peak learning rate."""
     min_lr: float = 0.0
     """Learning rate at the end of the decay."""
-    lr_decay_style: str = field(default="cosine", metadata=_choices("constant", "linear", "cosine"))
-    """Shape of the decay."""
+    lr_decay_style: str = field(default="cosine",
+                                metadata=_choices("constant", "linear", "cosine", "WSD"))
+    """Shape of the decay; WSD = warmup, stable at --lr, then a linear decay over the last
+    --lr-wsd-decay-samples (Hu et al. 2024, "MiniCPM")."""
+    lr_wsd_decay_samples: Optional[int] = None
+    """WSD: samples of the final decay, ending at --lr-decay-samples (default 20% of it)."""
     lr_warmup_iters: int = 0
     """Warmup length in steps of the initial global batch."""
     lr_warmup_fraction: Optional[float] = None
@@ -291,7 +295,7 @@ class ScheduleConfig(FlagConfig):
         require(self.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
         require(self.lr_warmup_fraction is None or 0 <= self.lr_warmup_fraction < 1,
                 "--lr-warmup-fraction must be in [0, 1)")
-        for name in ("lr_decay_iters", "lr_decay_samples"):
+        for name in ("lr_decay_iters", "lr_decay_samples", "lr_wsd_decay_samples"):
             _positive(self, (name,))
         require(self.lr_warmup_samples is None or self.lr_warmup_samples >= 0,
                 "--lr-warmup-samples must be >= 0")

@@ -30,11 +30,12 @@ from megatron_ext.training.config import OptimizerSettings, ScheduleConfig
 
 #: The schedule's values a checkpoint keeps, with the flag each comes from.
 _FLAGS = {"lr": "--lr", "min_lr": "--min-lr", "lr_warmup_samples": "--lr-warmup-samples",
-          "lr_decay_samples": "--lr-decay-samples", "lr_decay_style": "--lr-decay-style"}
+          "lr_decay_samples": "--lr-decay-samples", "lr_decay_style": "--lr-decay-style",
+          "lr_wsd_decay_samples": "--lr-wsd-decay-samples"}
 
 
 class LRSchedule:
-    """Warmup then constant/linear/cosine decay to ``--min-lr``, over consumed samples."""
+    """Warmup then constant/linear/cosine/WSD decay to ``--min-lr``, over consumed samples."""
 
     def __init__(self, cfg: ScheduleConfig, optimizer_cfg: OptimizerSettings, optimizer):
         self.override = cfg.override_opt_param_scheduler
@@ -56,6 +57,9 @@ class LRSchedule:
         self.style = v["lr_decay_style"] if decay > warmup else "constant"
         sched.max_lr, sched.min_lr, sched.lr_decay_style = v["lr"], v["min_lr"], self.style
         sched.lr_warmup_steps, sched.lr_decay_steps = warmup, max(decay, warmup + 1)
+        # WSD: megatron-core's stable phase then a linear decay over the last samples
+        wsd = v.get("lr_wsd_decay_samples") or max(1, (decay - warmup) // 5)
+        sched.wsd_decay_steps, sched.lr_wsd_decay_style = min(wsd, decay - warmup or 1), "linear"
         for group in self.optimizer.param_groups:  # (a loaded optimizer state brings its own)
             group["max_lr"], group["min_lr"] = v["lr"], v["min_lr"]
 
@@ -92,6 +96,11 @@ class LRSchedule:
             group["lr"] *= factor * group.get("lr_mult", 1.0)
         # megatron-core marks the groups that follow the default schedule ("default_config")
         return next((g["lr"] for g in groups if g.get("default_config")), groups[0]["lr"])
+
+    def fraction(self) -> float:
+        """The scheduled LR of the current sample count over the peak --lr (before any
+        batch-growth factor); read by the LR-aware batch-growth target."""
+        return self.scheduler.get_lr({}) / self.values["lr"]
 
     def describe(self) -> str:
         return f"lr schedule: {self.style} over samples (megatron-core OptimizerParamScheduler)"

@@ -132,6 +132,8 @@ def setup(job) -> Run:
               forward_backward=forward_backward, flops_per_sample=shape.flops_per_sample(job.tp),
               is_log_rank=log.enabled, gns=gns, batch_growth=growth,
               components=[c for c in (gns, growth, _profiler(job, log)) if c is not None])
+    if growth:
+        growth.lr_fraction = run.lr_schedule.fraction  # (the schedule is built after it)
     if resume_from:
         checkpointer.resume(resume_from, state, run, keep_batch=growth is None)
         log.resume_at(state.iteration)
