@@ -122,7 +122,7 @@ def test_simulator_readme_run_avoids_micro_batch_1(capsys):
     assert "max micro-batch 13 (megatron_ext.memory_planner)" in out
     head = out.splitlines().index(next(ln for ln in out.splitlines() if "global_batch" in ln))
     rows = [ln.split() for ln in out.splitlines()[head + 1:] if ln.split()[0].isdigit()]
-    assert len(rows) > 10 and all(int(r[4]) > 1 for r in rows), rows
+    assert len(rows) >= 5 and all(int(r[4]) > 1 for r in rows), rows  # grows on the grid
 
 
 def test_measured_step_times_refine_k_and_overhead():
