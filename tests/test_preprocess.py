@@ -176,6 +176,16 @@ def test_signal_removes_partial_output(tmp_path, sig, status, existing, workers)
 
 
 def test_signal_handling_in_process():
+    # pytest started as a background job (nohup ... &) inherits SIGINT ignored: start from
+    # Python's default so the test does not depend on how it was launched.
+    launched_with = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _signal_handling_in_process()
+    finally:
+        signal.signal(signal.SIGINT, launched_with)
+
+
+def _signal_handling_in_process():
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Interrupted) as stop:
         with _stop_on_signals():
