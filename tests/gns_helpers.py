@@ -1,7 +1,9 @@
 """Helpers of the GNS tests: run tests/dist/gns_worker.py under torchrun, compare results.
 
 Main API: run_worker(tmp_path, nproc, *worker_flags, triton_interpret=False) -> dict,
-assert_close(a, b, rtol=RTOL), run_python_check(code, marker, **env).
+assert_close(a, b, rtol=RTOL), run_python_check(code, marker, **env); for the dW +
+per-sample-norm kernels and routes: make_wgrad_inputs(s, b, d_in, d_out, dtype, layout) and
+fp64_sample_truth(x, dy, layout).
 """
 import json
 import math
@@ -9,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import torch
 from launch import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,3 +52,24 @@ def run_python_check(code: str, marker: str, timeout: int = 300, **env) -> None:
     out = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
                          text=True, timeout=timeout)
     assert out.returncode == 0 and marker in out.stdout, out.stderr[-3000:]
+
+
+def make_wgrad_inputs(s, b, d_in, d_out, dtype, layout, device="cpu", seed=0):
+    """Random x [s, b, d_in] and dy [s, b, d_out] (or [b, s, h] for ``layout="bsh"``)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(s, b, d_in, generator=g).to(device=device, dtype=dtype)
+    dy = torch.randn(s, b, d_out, generator=g).to(device=device, dtype=dtype)
+    if layout == "bsh":
+        x, dy = x.transpose(0, 1).contiguous(), dy.transpose(0, 1).contiguous()
+    return x, dy
+
+
+def fp64_sample_truth(x, dy, layout):
+    """dW, ‖dW_i‖², db, ‖db_i‖² from a fp64 loop over single samples."""
+    if layout == "bsh":
+        x, dy = x.transpose(0, 1), dy.transpose(0, 1)
+    b = x.shape[1]
+    dws = [dy[:, i].double().t() @ x[:, i].double() for i in range(b)]
+    dbs = [dy[:, i].double().sum(0) for i in range(b)]
+    return (sum(dws), torch.stack([w.square().sum() for w in dws]), sum(dbs),
+            torch.stack([v.square().sum() for v in dbs]))

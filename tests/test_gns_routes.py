@@ -10,31 +10,14 @@ import json
 
 import pytest
 import torch
+from gns_helpers import fp64_sample_truth as _fp64_loop
+from gns_helpers import make_wgrad_inputs as _make
 
 from megatron_ext.gns import routes
 from megatron_ext.gns.config import GNS_ROUTE_CHOICES, GNSConfig
 from megatron_ext.kernels import LinearWithSampleNorms, wgrad_sample_norms_route
 
 SHAPES = [(37, 3, 45, 33), (5, 1, 16, 48), (17, 2, 20, 7)]  # (s, b, d_in, d_out)
-
-
-def _make(s, b, d_in, d_out, dtype, layout, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x, dy = torch.randn(s, b, d_in, generator=g), torch.randn(s, b, d_out, generator=g)
-    x, dy = x.to(dtype), dy.to(dtype)
-    if layout == "bsh":
-        x, dy = x.transpose(0, 1).contiguous(), dy.transpose(0, 1).contiguous()
-    return x, dy
-
-
-def _fp64_loop(x, dy, layout):
-    """dW, ‖dW_i‖², db, ‖db_i‖² from one fp64 product per sample."""
-    if layout == "bsh":
-        x, dy = x.transpose(0, 1), dy.transpose(0, 1)
-    dws = [dy[:, i].double().t() @ x[:, i].double() for i in range(x.shape[1])]
-    dbs = [dy[:, i].double().sum(0) for i in range(x.shape[1])]
-    return (sum(dws), torch.stack([w.square().sum() for w in dws]), sum(dbs),
-            torch.stack([v.square().sum() for v in dbs]))
 
 
 @pytest.mark.parametrize("route", routes.ROUTES)

@@ -17,6 +17,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from gns_helpers import fp64_sample_truth as _fp64_truth
+from gns_helpers import make_wgrad_inputs as _make
 
 _HAS_CUDA = torch.cuda.is_available()
 _prev = os.environ.get("TRITON_INTERPRET")
@@ -52,30 +54,6 @@ needs_cuda = pytest.mark.skipif(not _HAS_CUDA or _INTERP, reason="needs CUDA and
 # (s, b, d_in, d_out): b=1, s not a multiple of the 16-token test block, d not powers of 2
 CPU_SHAPES = [(37, 3, 45, 33), (5, 1, 16, 48), (17, 2, 20, 7)]
 GPU_SHAPES = [(300, 3, 200, 136), (512, 4, 384, 640), (1000, 1, 1024, 72)]
-
-
-def _make(s, b, d_in, d_out, dtype, layout, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(s, b, d_in, generator=g).to(device=device, dtype=dtype)
-    dy = torch.randn(s, b, d_out, generator=g).to(device=device, dtype=dtype)
-    if layout == "bsh":
-        x, dy = x.transpose(0, 1).contiguous(), dy.transpose(0, 1).contiguous()
-    return x, dy
-
-
-def _fp64_truth(x, dy, layout):
-    """dW, ‖dW_i‖², db, ‖db_i‖² from a fp64 loop over single samples."""
-    if layout == "bsh":
-        x, dy = x.transpose(0, 1), dy.transpose(0, 1)
-    b = x.shape[1]
-    dws = [dy[:, i].double().t() @ x[:, i].double() for i in range(b)]
-    dbs = [dy[:, i].double().sum(0) for i in range(b)]
-    return (
-        sum(dws),
-        torch.stack([w.square().sum() for w in dws]),
-        sum(dbs),
-        torch.stack([v.square().sum() for v in dbs]),
-    )
 
 
 def _check(res, x, dy, layout, dtype, bias=True):
