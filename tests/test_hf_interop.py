@@ -196,6 +196,11 @@ def test_unsupported_models_and_missing_extras_are_one_line(tmp_path, monkeypatc
         mapping._rope_flags(yarn)
     with pytest.raises(mapping.Unsupported, match="model_type 'bert'"):
         mapping.model_flags({"model_type": "bert"})
+    with pytest.raises(mapping.Unsupported, match="config.json has no 'intermediate_size', "):
+        mapping.model_flags({"model_type": "llama", "vocab_size": 300, "hidden_size": 64,
+                             "num_attention_heads": 4, "num_hidden_layers": 2})
+    with pytest.raises(mapping.Unsupported, match="config.json has no 'vocab_size'"):
+        mapping.model_flags({"model_type": "gpt2"})
     from dataclasses import asdict
     partial = asdict(ModelConfig(swiglu=True, normalization="RMSNorm", rotary_percent=0.5))
     with pytest.raises(mapping.Unsupported, match="--rotary-percent"):
@@ -205,6 +210,11 @@ def test_unsupported_models_and_missing_extras_are_one_line(tmp_path, monkeypatc
                                   str(tmp_path / "ckpt")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot read config.json" in err[0], err
+    (tmp_path / "config.json").write_text("[1, 2]")
+    assert convert_hf_cli().main(["import", "--hf-dir", str(tmp_path), "--save",
+                                  str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json is not a JSON object" in err[0], err
     monkeypatch.setitem(sys.modules, "safetensors", None)
     with pytest.raises(mapping.Unsupported, match=r"pip install 'megatron_ext\[hf\]'"):
         require_hf()

@@ -41,6 +41,18 @@ def test_fixed_batch_keeps_the_iteration_progress(capsys):
     assert capsys.readouterr().out.startswith(" iteration        3/      40 | consumed samples:")
 
 
+def test_dashboard_history_skips_a_line_a_crash_cut_short(tmp_path, capsys):
+    """An earlier attempt killed mid-write leaves half a JSON line in an appended --log-json:
+    the dashboard's history skips it rather than ending the run with a stack trace."""
+    path = tmp_path / "run.jsonl"
+    path.write_text(json.dumps({"iteration": 1, **_metrics(4, 4)}) + "\n" + '{"iteration": 2, "lm_lo')
+    log = MetricsLogger(True, LoggingConfig(log_json=str(path)))
+    with path.open("a") as f:  # the next attempt's lines start on a line of their own
+        f.write("\n")
+    log.iteration(3, 40, _metrics(12, 4))
+    assert [r["iteration"] for r in log.step_history()] == [1, 3]
+
+
 def test_format_eta():
     assert (format_eta(3725.4), format_eta(float("inf"))) == ("1:02:05", "?")
 

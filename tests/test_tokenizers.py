@@ -73,6 +73,8 @@ def test_vocab_sizes_and_eods_are_the_files(paths):
     flags = tokenizer_flags("TikTokenizer", paths)
     cut = build_tokenizer(_args(flags + ["--vocab-size", "1260", "--tiktoken-pattern", "v1"]))
     assert cut.vocab_size == 1260 and cut.detokenize(cut.tokenize(TEXT)) == TEXT
+    with pytest.raises(ValueError, match="--vocab-size 0: "):  # 0 is not "the file's size"
+        build_tokenizer(_args(flags + ["--vocab-size", "0"]))
 
 
 def test_build_from_data_config_and_cache(paths, tmp_path):

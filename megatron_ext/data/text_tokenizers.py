@@ -205,7 +205,7 @@ def _tiktoken(args: TokenizerArgs) -> TextTokenizer:
     kind, path = args.tokenizer_type, args.tokenizer_model
     specials = args.tiktoken_num_special_tokens
     ranks = _loading(kind, "--tokenizer-model", path, lambda: _tiktoken_ranks(path))
-    vocab_size = args.vocab_size or ranks + specials
+    vocab_size = ranks + specials if args.vocab_size is None else args.vocab_size
     if not specials < vocab_size <= ranks + specials:
         raise ValueError(f"--vocab-size {vocab_size}: {path} holds {ranks} tokens after "
                          f"{specials} special ids; use more than {specials} and at most "

@@ -76,9 +76,12 @@ class _HFWeights:
 def read_config(hf_dir: str) -> dict:
     try:
         with open(os.path.join(hf_dir, "config.json")) as f:
-            return json.load(f)
+            config = json.load(f)
     except (OSError, ValueError) as e:
         raise Unsupported(f"--hf-dir {hf_dir}: cannot read config.json ({e})") from None
+    if not isinstance(config, dict):
+        raise Unsupported(f"--hf-dir {hf_dir}: config.json is not a JSON object")
+    return config
 
 
 @contextlib.contextmanager

@@ -122,7 +122,13 @@ def _gpt2_flags(hf: Dict[str, Any]) -> List[str]:
 
 def model_flags(hf: Dict[str, Any]) -> List[str]:
     """The ``pretrain_gpt.py`` model flags of a HuggingFace config.json (as a dict)."""
-    return _llama_flags(hf) if architecture(hf) == LLAMA else _gpt2_flags(hf)
+    arch = architecture(hf)
+    _need("vocab_size" in hf, "config.json has no 'vocab_size'")
+    try:
+        return _llama_flags(hf) if arch == LLAMA else _gpt2_flags(hf)
+    except KeyError as e:  # a field the mapping needs: one line, not a trace
+        raise Unsupported(f"config.json has no {e.args[0]!r}, which a {arch} model "
+                          "needs") from None
 
 
 def _export_architecture(m: Dict[str, Any]) -> str:

@@ -190,7 +190,9 @@ class FlashCoreAttention(MegatronModule):
                 )
             backends = [SDPBackend.MATH] if plan == "math" else fused
             try:
-                with sdpa_kernel(backends, set_priority=bool(_SDPA_ORDER) and plan != "math"):
+                # set_priority only when an order was asked for: older torch lacks the keyword
+                priority = {"set_priority": True} if _SDPA_ORDER and plan != "math" else {}
+                with sdpa_kernel(backends, **priority):
                     out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kwargs)
             except RuntimeError:
                 if plan == plans[-1]:

@@ -69,11 +69,18 @@ def _start_wandb(cfg, save_dir: Optional[str], run_config: dict):
     return run
 
 
-def _json_iteration(line: str) -> float:
+def _json_row(line: str) -> Optional[dict]:
+    """One --log-json line, or None for a line cut short by a crash (or not a record)."""
     try:
-        return json.loads(line).get("iteration", -1)
-    except ValueError:  # a line cut short by a crash
-        return float("inf")
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _json_iteration(line: str) -> float:
+    row = _json_row(line)
+    return float("inf") if row is None else row.get("iteration", -1)
 
 
 def _f(value: Optional[float]) -> float:
@@ -219,8 +226,8 @@ class MetricsLogger:
             return list(self.history)
         self.json_file.flush()
         with open(self.json_path) as f:
-            rows = [json.loads(line) for line in f if line.strip().startswith("{")]
-        return [r for r in rows if "lm_loss" in r]
+            rows = [_json_row(line) for line in f]
+        return [r for r in rows if r is not None and "lm_loss" in r]
 
     def gns(self, iteration: int, r: Dict[str, float]) -> None:
         """Every --gns-log-interval steps: B_simple and its EMAs."""
