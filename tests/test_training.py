@@ -111,6 +111,9 @@ def test_bad_flags_exit_with_one_line(tmp_path):
         (["--data-path", str(tmp_path / "missing")], "--data-path"),
         (["--gns", "--gns-estimator", "data-parallel"], "--gns-estimator"),
         (["--save", str(tmp_path / "a_file" / "ckpt")], "--save"),
+        (["--gns", "--batch-growth", "ramp", "--rampup-batch-size", "4", "4", "8",
+          "--batch-growth-max", "8", "--lr-scaling", "adascale", "--train-iters", "5"],
+         "give the budget as --train-samples"),
     ]
     (tmp_path / "a_file").write_text("not a directory")
     if not torch.cuda.is_available():

@@ -38,6 +38,7 @@ class BatchGrowthComponent(Component):
         self.log = log
         self.planner = planner
         self._step_times = None  # (predicted before the step was measured, measured) seconds
+        self._gain: Optional[float] = None  # AdaScale's r of the last step
         self.lr_fraction: Callable[[], float] = lambda: 1.0
         """The LR schedule's current LR / peak (set by the session once the schedule exists)."""
 
@@ -47,6 +48,15 @@ class BatchGrowthComponent(Component):
 
     def lr_factor(self, state) -> float:
         return self.lr_scaler.factor(state.global_batch_size, self._b_simple())
+
+    def schedule_increment(self, lr_factor: float) -> Optional[float]:
+        """AdaScale advances its schedule by the gain r = ``lr_factor`` base batches per step
+        (Johnson et al. 2020, Algorithm 1: tau += r), not by the batch's size; other rules
+        leave the clock on the consumed samples (None)."""
+        if self.config.lr_scaling != "adascale":
+            return None
+        self._gain = lr_factor
+        return lr_factor * self.lr_scaler.base_global_batch
 
     def after_step(self, state, step_time_s: float) -> None:
         progress = Progress(state.iteration, state.consumed_samples, state.consumed_tokens,
@@ -65,10 +75,15 @@ class BatchGrowthComponent(Component):
 
     def metrics(self, state) -> dict:
         """The planner's step time predicted before the last step ran, beside the measured."""
+        m = {}
+        if self._gain is not None:  # the clock the LR schedule and --train-samples run on
+            m = {"adascale_gain": self._gain, "schedule_samples": state.schedule_samples,
+                 "schedule_step_samples": self._gain * self.lr_scaler.base_global_batch}
         pred, measured = self._step_times or (None, None)
         if pred is None or not measured:
-            return {}
-        return {"predicted_step_time_ms": pred * 1e3, "measured_step_time_ms": measured * 1e3,
+            return m
+        return {**m, "predicted_step_time_ms": pred * 1e3,
+                "measured_step_time_ms": measured * 1e3,
                 "step_time_prediction_error": pred / measured - 1.0}
 
     def state_dict(self) -> dict:

@@ -79,7 +79,10 @@ class BatchGrowthConfig(FlagConfig):
 
     lr_scaling: str = field(default="none", metadata={"argparse": {"choices": LR_SCALING_RULES}})
     """LR scale relative to the initial global batch: none, sqrt, linear (Goyal et al.
-    2017) or adascale (gain ratio, Johnson et al. 2020; needs the noise scale)."""
+    2017) or adascale (gain ratio r, Johnson et al. 2020; needs the noise scale). AdaScale
+    also runs the LR schedule and the --train-samples budget on its scale-invariant clock,
+    which a step advances by r initial batches, so a run reads more samples than
+    --train-samples once the batch outgrows the noise scale (at most x max/initial batch)."""
 
     topology: str = "auto"
     """Cluster for the step-time model: `auto` (detect) or a spec such as

@@ -60,6 +60,19 @@ def _describe_source(cfg, tokenizer) -> str:
             "byte tokenizer)")
 
 
+def train_samples_needed(job) -> int:
+    """Enough samples for the longest run the flags allow: the batch may grow to its max, and
+    under AdaScale --train-samples is on a clock that a step of batch B <= max moves by at
+    least the initial batch B0 (gain r >= 1), so at most samples x max / B0 are read."""
+    t, g = job.training, job.batch_growth
+    max_batch = max(t.global_batch_size, g.batch_growth_max or 0)
+    if t.train_samples is None:
+        return t.train_iters * max_batch
+    if g.lr_scaling == "adascale":
+        return -(-t.train_samples * max_batch // t.global_batch_size)
+    return t.train_samples
+
+
 class TrainData:
     """Datasets, the sampler and the per-micro-batch forward step of one job.
 
@@ -75,12 +88,10 @@ class TrainData:
         self.local_seq_length = self.seq_length // self.cp_size
         self.tokenizer = tokenizer = build_tokenizer(cfg)
         self.vocab_size = tokenizer.vocab_size
-        # Enough samples for the longest run the flags allow (the batch may grow to its max).
-        max_batch = max(t.global_batch_size, job.batch_growth.batch_growth_max or 0)
         try:
             self.phases, self.notes = continue_phases(
-                saved, data_identity(job), t.train_samples or t.train_iters * max_batch,
-                consumed, t.allow_seed_change)
+                saved, data_identity(job), train_samples_needed(job), consumed,
+                t.allow_seed_change)
         except ValueError as e:  # a seed change: one line, as for any unfitting checkpoint
             from megatron_ext.training.errors import CheckpointMismatch
 

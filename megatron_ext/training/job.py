@@ -161,6 +161,9 @@ class JobConfig:
     def _check_features(self) -> None:
         """Checks between a feature and the rest of the job (one place for all of them)."""
         self.batch_growth.validate_against(gns_enabled=self.gns.gns)
+        require(self.batch_growth.lr_scaling != "adascale" or self.training.train_samples,
+                "--lr-scaling adascale counts the run on its scale-invariant clock in samples: "
+                "give the budget as --train-samples instead of --train-iters")
         require(self.logging.sample_prompt is None or (self.pp == 1 and self.cp == 1),
                 "--sample-prompt needs --pipeline-model-parallel-size 1 and "
                 "--context-parallel-size 1 (sample from a checkpoint under such a layout: "

@@ -52,11 +52,12 @@ def train(job):
             with phase(r, "data"):
                 micro_batches = r.data.next_step(state)
             call_hooks(r.components, "on_step_start", state)
-            lr = r.lr_schedule.apply(state, r.lr_factor())
+            factor = r.lr_factor()
+            lr = r.lr_schedule.apply(state, factor)
             with step_errors(state.iteration + 1, r.checkpointer.last_path, oom_advice):
                 step = run_step(r, micro_batches)
             tokens_per_step, global_batch = state.tokens_per_step, state.global_batch_size
-            state.advance()
+            state.advance(r.schedule_increment(factor))
             loss = r.data.reduce_loss(step.losses)
             call_hooks(r.components, "after_step", state, step.seconds)
             if state.iteration % job.logging.log_interval == 0:
@@ -67,7 +68,8 @@ def train(job):
                     r, state, lr, loss, step, seconds, tokens_per_step, global_batch))
             if r.validator.due(state):
                 r.log.evaluation(state.iteration, r.validator.run(r.model))
-            stop_reason = r.stop.after_step(state, r.checkpointer.last_save_seconds)
+            stop_reason = r.stop.after_step(state, r.checkpointer.last_save_seconds,
+                                            step.seconds)
             if r.checkpointer.due(state, stop_reason):
                 r.checkpointer.save(state, r)
         _finish(r, state)

@@ -7,8 +7,9 @@ stepping the scheduler by the global batch after every step; that is exactly wha
 batch needs, so warmup and decay stay right whatever the batch does (warmup and decay counted
 in samples of a fixed --seq-length are counted in tokens). Here the scheduler's step counter is
 not kept on its own: :meth:`LRSchedule.apply` steps it by the samples consumed since its last
-call, read from the :class:`~megatron_ext.training.state.TrainState`, so after a resume it is
-where the state says without being checkpointed. The scheduler also sets each parameter
+call, read from the :class:`~megatron_ext.training.state.TrainState` (its schedule clock:
+the consumed samples, or AdaScale's scale-invariant samples with ``--lr-scaling adascale``),
+so after a resume it is where the state says without being checkpointed. The scheduler also sets each parameter
 group's weight decay (``wd_mult`` 0 for biases and norm parameters, as in Megatron-LM).
 
 ``factor`` is the batch-growth LR scaling (``--lr-scaling``) of the current batch; it
@@ -89,8 +90,9 @@ class LRSchedule:
 
     def apply(self, state, factor: float = 1.0) -> float:
         """Set every group's LR and weight decay for the step about to run (at
-        ``state.consumed_samples``) and return the LR of the default group."""
-        self.scheduler.step(increment=state.consumed_samples - self.scheduler.num_steps)
+        ``state.schedule_samples``: the consumed samples, or AdaScale's clock) and return the
+        LR of the default group."""
+        self.scheduler.step(increment=state.schedule_samples - self.scheduler.num_steps)
         groups = self.optimizer.param_groups
         for group in groups:
             group["lr"] *= factor * group.get("lr_mult", 1.0)

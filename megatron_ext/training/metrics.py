@@ -98,9 +98,16 @@ def samples_per_s(m: Dict[str, float]) -> float:
     return m["global_batch_size"] / max(m["iteration_time_ms"] / 1e3, 1e-9)
 
 
+def schedule_step(m: Dict[str, float]) -> float:
+    """How far one step moves the clock --train-samples counts on: the global batch, or
+    under AdaScale its gain times the initial batch."""
+    return m.get("schedule_step_samples", m["global_batch_size"])
+
+
 def steps_left(budget: int, m: Dict[str, float]) -> int:
     """Steps still to run at the current batch: an upper bound, the batch only grows."""
-    return -(-max(0, budget - int(m["consumed_samples"])) // int(m["global_batch_size"]))
+    done = m.get("schedule_samples", m["consumed_samples"])
+    return math.ceil(max(0.0, budget - done) / max(schedule_step(m), 1e-9))
 
 
 def format_eta(seconds: float) -> str:
@@ -186,10 +193,14 @@ class MetricsLogger:
             return [f" iteration {iteration:8d}/{train_iters:8d}",
                     f"consumed samples: {int(m['consumed_samples']):12d}"], m
         rate = self._throughput(m)
+        # AdaScale counts --train-samples on its clock, which moves gain x initial batch per
+        # step of global_batch_size samples (other runs: the clock is consumed_samples)
+        done = m.get("schedule_samples", m["consumed_samples"])
+        clock_rate = rate * schedule_step(m) / m["global_batch_size"]
         m = {**m, "samples_per_s": rate,
-             "eta_s": max(0, self.sample_budget - m["consumed_samples"]) / max(rate, 1e-9)}
-        return [f" samples {int(m['consumed_samples']):8d}/{self.sample_budget} "
-                f"({100.0 * m['consumed_samples'] / self.sample_budget:.1f}%)",
+             "eta_s": max(0, self.sample_budget - done) / max(clock_rate, 1e-9)}
+        return [f" samples {int(done):8d}/{self.sample_budget} "
+                f"({100.0 * done / self.sample_budget:.1f}%)",
                 f"ETA {format_eta(m['eta_s'])} at {rate:.1f} samples/s "
                 f"(<= {steps_left(self.sample_budget, m)} steps of batch "
                 f"{int(m['global_batch_size'])})",

@@ -57,6 +57,10 @@ class Run:
     def lr_factor(self) -> float:
         return self.batch_growth.lr_factor(self.state) if self.batch_growth else 1.0
 
+    def schedule_increment(self, lr_factor: float):
+        """How far this step moves the schedule clock (None: by its global batch)."""
+        return self.batch_growth.schedule_increment(lr_factor) if self.batch_growth else None
+
 
 def _flat_config(job) -> dict:
     """Every flag's value (for W&B's run config)."""

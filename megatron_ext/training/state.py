@@ -12,7 +12,7 @@ from it (:func:`sync_microbatch_calculator`). Pure Python.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 
 class BatchSplitError(ValueError):
@@ -33,6 +33,11 @@ class TrainState:
     """Samples of all completed steps (the data stream's position)."""
     consumed_tokens: int = 0
     """Tokens of all completed steps (counted per step: --seq-length may change on resume)."""
+    schedule_samples: float = 0.0
+    """Where the LR schedule and a --train-samples budget stand, in samples: equal to
+    ``consumed_samples`` except under ``--lr-scaling adascale``, where a step at gain r
+    advances it by r initial batches (AdaScale's scale-invariant clock, Johnson et al. 2020,
+    Algorithm 1), so a grown batch that is worth less than its size moves the schedule less."""
 
     def __post_init__(self):
         self._check_split(self.global_batch_size, self.micro_batch_size)
@@ -61,16 +66,20 @@ class TrainState:
         self.global_batch_size, self.micro_batch_size = int(global_batch), int(micro_batch)
         return changed
 
-    def advance(self) -> None:
-        """One optimizer step at the current batch has completed."""
+    def advance(self, schedule_increment: Optional[float] = None) -> None:
+        """One optimizer step at the current batch has completed; ``schedule_increment``:
+        how far it moves the schedule clock (None: the global batch)."""
         self.iteration += 1
         self.consumed_samples += self.global_batch_size
         self.consumed_tokens += self.tokens_per_step
+        self.schedule_samples += (self.global_batch_size if schedule_increment is None
+                                  else schedule_increment)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> Dict[str, Any]:
         return {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
                 "consumed_tokens": self.consumed_tokens,
+                "schedule_samples": self.schedule_samples,
                 "global_batch_size": self.global_batch_size,
                 "micro_batch_size": self.micro_batch_size}
 
@@ -81,6 +90,8 @@ class TrainState:
         self.consumed_samples = int(state["consumed_samples"])
         self.consumed_tokens = int(state.get("consumed_tokens",
                                              self.consumed_samples * self.seq_length))
+        # (checkpoints from before the schedule clock: it was the consumed samples)
+        self.schedule_samples = float(state.get("schedule_samples", self.consumed_samples))
         if not keep_batch:
             self.set_batch(int(state["global_batch_size"]), int(state["micro_batch_size"]))
 

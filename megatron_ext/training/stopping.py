@@ -1,14 +1,15 @@
 """When the run stops: every stop condition in one place.
 
 Main API: ``StopConditions(training_config, device)`` with ``before_start(state)``,
-``after_step(state, save_seconds)`` (each returns a reason for the log, or None),
-``complete(state)`` and ``reason``.
+``after_step(state, save_seconds, step_seconds)`` (each returns a reason for the log, or
+None), ``complete(state)`` and ``reason``.
 
-Reasons: the run is complete (``--train-iters`` steps, or ``--train-samples`` consumed);
-``--exit-interval``; ``--exit-duration-in-mins`` (counted from the process start), which stops
-early enough that one more step and the final save still fit in the limit; SIGTERM, SIGINT or SIGUSR1 on any rank (``scancel``,
-Kubernetes, Ctrl-C, SLURM's ``--signal=USR1@SECONDS`` ahead of the time limit). A signal only
-sets a flag; ranks agree on the flags after each step (one all-reduce), so all of them stop,
+Reasons: the run is complete (``--train-iters`` steps, or ``--train-samples`` on the schedule
+clock: consumed samples, or AdaScale's); ``--exit-interval``; ``--exit-duration-in-mins``
+(counted from the process start), which stops early enough that one more step (the longest so
+far) and the final save still fit in the limit; SIGTERM, SIGINT or SIGUSR1 on any rank
+(``scancel``, Kubernetes, Ctrl-C, SLURM's ``--signal=USR1@SECONDS`` ahead of the time limit).
+A signal only sets a flag; ranks agree on the flags after each step (one all-reduce), so all of them stop,
 and save, after the same step.
 """
 from __future__ import annotations
@@ -41,7 +42,6 @@ class StopConditions:
         self.signalled: Optional[str] = None
         self.reason: Optional[str] = None
         self.start = _process_start()
-        self._last_step_end = time.monotonic()
         self._longest_step = 0.0
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
@@ -52,7 +52,8 @@ class StopConditions:
     def complete(self, state) -> bool:
         """Nothing left to train (the budget is spent)."""
         t = self.cfg
-        return (t.train_samples is not None and state.consumed_samples >= t.train_samples) \
+        # (the schedule clock: consumed samples, or AdaScale's scale-invariant ones)
+        return (t.train_samples is not None and state.schedule_samples >= t.train_samples) \
             or state.iteration >= t.train_iters
 
     def before_start(self, state) -> Optional[str]:
@@ -67,24 +68,27 @@ class StopConditions:
                        "continue the run)")
         return self.reason
 
-    def _out_of_time(self, save_seconds: float) -> bool:
-        """Would one more step plus the final save overrun --exit-duration-in-mins?"""
-        now = time.monotonic()
-        self._longest_step = max(self._longest_step, now - self._last_step_end)
-        self._last_step_end = now
+    def _out_of_time(self, save_seconds: float, step_seconds: float) -> bool:
+        """Would one more step plus the final save overrun --exit-duration-in-mins? A step is
+        the longest measured so far (the step alone: not the start-up before the first one,
+        nor a save or an evaluation between two, which would count the save twice)."""
+        self._longest_step = max(self._longest_step, step_seconds)
         limit = self.cfg.exit_duration_in_mins
         return limit is not None and (time.time() - self.start + self._longest_step
                                       + save_seconds > 60.0 * limit)
 
-    def _agreed(self, save_seconds: float) -> tuple:
+    def _agreed(self, save_seconds: float, step_seconds: float) -> tuple:
         """(any rank signalled, any rank out of time), the same on every rank."""
-        flags = torch.tensor([int(self.signalled is not None), int(self._out_of_time(save_seconds))],
+        out_of_time = self._out_of_time(save_seconds, step_seconds)
+        flags = torch.tensor([int(self.signalled is not None), int(out_of_time)],
                              dtype=torch.int32, device=self.device)
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
 
-    def after_step(self, state, save_seconds: float = 0.0) -> Optional[str]:
-        signalled, out_of_time = self._agreed(save_seconds)
+    def after_step(self, state, save_seconds: float = 0.0,
+                   step_seconds: float = 0.0) -> Optional[str]:
+        """``save_seconds``: the last save's duration; ``step_seconds``: this step's."""
+        signalled, out_of_time = self._agreed(save_seconds, step_seconds)
         every = self.cfg.exit_interval
         if signalled:
             self.reason = f"stop requested ({self.signalled or 'signal on another rank'})"
