@@ -29,28 +29,31 @@ def test_wandb_profiler_test_split_and_sample(tmp_path, monkeypatch):
              "--eval-iters", "1", "--gns", "--save", str(ckpt), "--log-json", str(out),
              "--wandb-project", "megatron-ext-test", "--wandb-exp-name", "obs",
              "--wandb-save-dir", str(wandb_dir), "--nvtx-ranges"]
+    ending = ["--sample-prompt", "def main(", "--sample-length", "8"]
     proc = run_pretrain(2, [*flags, "--train-iters", "4", "--exit-interval", "2", "--profile",
                             "--profile-step-start", "2", "--profile-step-end", "2",
-                            "--profile-ranks", "0", "1", "--sample-prompt", "def main(",
-                            "--sample-length", "8"], tmp_path)
+                            "--profile-ranks", "0", "1", *ending], tmp_path)
     # the profiler: one trace per profiled rank, with events
     traces = sorted((tmp_path / "profile").glob("*.pt.trace.json"))
     assert [t.name.split(".")[0] for t in traces] == ["rank0", "rank1"]
     assert json.loads(traces[0].read_text())["traceEvents"]
-    # the end of the run: the test split, then a greedy sample
-    assert " test loss at iteration 2:" in proc.stdout
-    assert any("test_lm_loss" in r for r in read_metrics(out))
-    sample = [l for l in proc.stdout.splitlines() if l.startswith("> sample after iteration 2:")]
-    assert len(sample) == 1 and "'def main(' -> '" in sample[0]
+    # stopped for a requeue: save and leave, no test split or sample (the scheduler may kill)
+    assert " test loss at iteration" not in proc.stdout and "sample after" not in proc.stdout
+    assert "test split and --sample-prompt skipped" in proc.stdout
     # W&B: the same scalars as TensorBoard, the GNS curves and the batch included
     (run_id, record), = _wandb_records(wandb_dir / "wandb")
     for key in (b"lm_loss", b"lr", b"global_batch_size", b"b_simple", b"gns/b_simple",
                 b"gns/tokens", b"tokens_per_s", b"time/forward-backward"):
         assert key in record, key
-    # a resumed run continues the same W&B run
-    run_pretrain(2, [*flags, "--train-iters", "4", "--load", str(ckpt)], tmp_path)
+    # a resumed run continues the same W&B run; completing the budget, it ends with the test
+    # split, then a greedy sample
+    proc = run_pretrain(2, [*flags, "--train-iters", "4", "--load", str(ckpt), *ending], tmp_path)
     ids = [rid for rid, _ in _wandb_records(wandb_dir / "wandb")]
     assert ids == [run_id, run_id]
+    assert " test loss at iteration 4:" in proc.stdout
+    assert any("test_lm_loss" in r for r in read_metrics(out))
+    sample = [l for l in proc.stdout.splitlines() if l.startswith("> sample after iteration 4:")]
+    assert len(sample) == 1 and "'def main(' -> '" in sample[0]
 
 
 def test_flags_that_need_cuda_or_wandb_are_one_line(monkeypatch):

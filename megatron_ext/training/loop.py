@@ -79,9 +79,17 @@ def train(job):
 
 
 def _finish(r, state) -> None:
-    """The end of a run: components wrap up, the test split, a sample if asked for."""
+    """The end of a run: components wrap up; once the budget is spent, the test split and a
+    sample if asked for. A run stopped early (signal, --exit-interval, --exit-duration-in-mins)
+    skips them, as Megatron-LM does: a requeued job must save and leave before the scheduler's
+    kill, and the run that completes the budget evaluates them."""
     for component in r.components:
         component.finish(r.is_log_rank)
+    if not r.stop.complete(state):
+        if r.tester.enabled or r.job.logging.sample_prompt is not None:
+            r.log.announce("test split and --sample-prompt skipped: the run stopped before "
+                           "its budget (the run that completes it evaluates them)")
+        return
     if r.tester.enabled:
         r.log.evaluation(state.iteration, r.tester.run(r.model), split="test")
     prompt = r.job.logging.sample_prompt
