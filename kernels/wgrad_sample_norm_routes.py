@@ -32,15 +32,23 @@ ROUTE_NAMES = ("fused", "ghost", "batched")
 _CHUNK_BYTES = 256 << 20  # fp32 temporaries of one chunk of samples
 
 
+_OUT_DTYPE_GEMM: dict = {}  # (dtype, ndim) -> whether torch.mm/bmm take out_dtype for it
+
+
 def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b (2D or batched 3D) with an fp32 result from fp32 accumulation."""
     if a.dtype == torch.float32:
         return a @ b
-    if a.is_cuda:  # fp32 output of the bf16/fp16 GEMM where torch supports it (no upcast)
+    key = (a.dtype, a.dim())
+    if a.is_cuda and _OUT_DTYPE_GEMM.get(key, True):
+        # fp32 output of the bf16/fp16 GEMM where torch supports it (no upcast); asked once
+        # per dtype, not by an exception on every call
         try:
-            return (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32)
+            out = (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32)
+            _OUT_DTYPE_GEMM[key] = True
+            return out
         except (TypeError, RuntimeError, NotImplementedError):
-            pass
+            _OUT_DTYPE_GEMM[key] = False
     return a.float() @ b.float()
 
 

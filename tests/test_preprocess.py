@@ -16,7 +16,7 @@ import time
 import pytest
 
 from megatron_ext.data import ByteTokenizer
-from megatron_ext.data.preprocess import (Interrupted, PreprocessError, _stop_on_signals,
+from megatron_ext.data.preprocess import (Interrupted, PreprocessError, stop_on_signals,
                                           _COMMITTING, main, preprocess)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,19 +188,19 @@ def test_signal_handling_in_process():
 def _signal_handling_in_process():
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Interrupted) as stop:
-        with _stop_on_signals():
+        with stop_on_signals():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler interrupts this
     assert stop.value.signum == signal.SIGTERM and str(stop.value) == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) == before  # restored
-    with _stop_on_signals():  # once the outputs are being renamed, the run finishes
+    with stop_on_signals():  # once the outputs are being renamed, the run finishes
         _COMMITTING.set()
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for a shell's background job
     try:
-        with _stop_on_signals():
+        with stop_on_signals():
             assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -329,3 +329,12 @@ def test_benchmark_quick_mode(tmp_path):
     assert "outputs byte-identical across worker counts: yes" in proc.stdout
     result = json.loads(out.read_text())
     assert [r["workers"] for r in result["runs"]] == [1, 2] and result["identical"]
+
+
+def test_token_dtype_agrees_with_megatron():
+    from megatron.core.datasets.indexed_dataset import DType
+
+    from megatron_ext.data.tokenize_pool import token_dtype
+
+    for vocab in (None, 257, 65499, 65500, 128256):
+        assert token_dtype(vocab) == DType.optimal_dtype(vocab), vocab

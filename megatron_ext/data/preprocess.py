@@ -37,9 +37,6 @@ from megatron_ext.data.tokenizer import TokenizerArgs
 from megatron_ext.data.writer import (_COMMITTING, Interrupted, megatron_indexed_dataset,
                                       quiet_megatron_import, stop_on_signals,
                                       write_indexed_dataset)
-
-# The names this module had before it was split up (tests and default_corpus use them).
-_stop_on_signals, _quiet_megatron_import = stop_on_signals, quiet_megatron_import
 __all__ = ["PreprocessConfig", "PreprocessStats", "PreprocessError", "Interrupted", "main",
            "preprocess", "run_preprocess", "write_indexed_dataset", "_COMMITTING"]
 

@@ -38,7 +38,9 @@ _worker_encode: List[Encoder] = []
 
 def token_dtype(vocab_size: int) -> type:
     """megatron's smallest token dtype for ``vocab_size`` (uint16 below 65500, as
-    ``DType.optimal_dtype``), so arrays cross processes at their stored size."""
+    ``DType.optimal_dtype``), so arrays cross processes at their stored size. Restated rather
+    than imported: the pool's workers would otherwise import megatron-core (seconds each);
+    tests/test_preprocess.py checks it agrees with ``DType.optimal_dtype``."""
     return numpy.uint16 if vocab_size is not None and vocab_size < 65500 else numpy.int32
 
 

@@ -45,6 +45,9 @@ def require_hf() -> None:
                           f"({e}): {_INSTALL}") from None
 
 
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
 class _HFWeights:
     """The tensors of a directory's ``*.safetensors`` files, read when asked for."""
 
@@ -61,13 +64,23 @@ class _HFWeights:
             self._where.update({key: handle for key in handle.keys()})
         self.used = set()
 
-    def get(self, name: str) -> torch.Tensor:
+    def _key(self, name: str) -> str:
         # Files saved from the base model (e.g. the hub's gpt2) lack the "transformer." prefix.
         key = name if name in self._where else name.split(".", 1)[-1]
         if key not in self._where:
             raise Unsupported(f"--hf-dir: the weights have no tensor {name}")
+        return key
+
+    def get(self, name: str) -> torch.Tensor:
+        key = self._key(name)
         self.used.add(key)
         return self._where[key].get_tensor(key)
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype ("bfloat16", ...) from the file's header, without reading it."""
+        key = self._key(name)
+        code = self._where[key].get_slice(key).get_dtype()
+        return _SAFETENSORS_DTYPES.get(code, code.lower())
 
     def names(self) -> List[str]:
         return list(self._where)
@@ -135,7 +148,7 @@ def import_hf(hf_dir: str, save: str, args: Sequence[str] = ()) -> Tuple[str, Li
     with megatron_world(job):
         padded = padded_vocab_size(hf["vocab_size"], job.model.make_vocab_size_divisible_by, job.tp)
         gpt = build_gpt(job, padded).gpt
-        embedding = weights.get(hf_names(arch, "embedding.word_embeddings.weight")[0][0])
+        dtype = weights.dtype(hf_names(arch, "embedding.word_embeddings.weight")[0][0])
         load_weights_by_name(gpt, to_megatron(arch, set(canonical_param_names(gpt).values()),
                                               weights.get, _shape(job, hf["vocab_size"], padded)))
         _check_all_used(weights, arch, not job.model.untie_embeddings_and_output_weights)
@@ -145,7 +158,7 @@ def import_hf(hf_dir: str, save: str, args: Sequence[str] = ()) -> Tuple[str, Li
                 "model_config": asdict(job.model),
                 "parallel_layout": checkpointing.parallel_layout(),
                 "hf": {"architecture": arch, "config": hf, "vocab_size": hf["vocab_size"],
-                       "dtype": str(embedding.dtype).replace("torch.", "")}}
+                       "dtype": dtype}}
         path = checkpointing.save_checkpoint(CheckpointDir(save), 0, gpt, None, loop,
                                              save_optim=False)
     return path, flags
