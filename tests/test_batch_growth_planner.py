@@ -197,3 +197,31 @@ def test_estimator_replaces_warmup_step_then_averages():
     assert est.micro_batch_time(100) == pytest.approx(2.0)
     est.observe(1, 1, tokens=100, slots=1, fixed_s=0.0, seconds=-1)  # ignored
     assert est.points["1,1"][4] == 3
+
+
+def test_auto_topology_is_rank_zeros(monkeypatch):
+    """`--topology auto`: every rank plans on rank 0's detection (a node that reads its links
+    differently must not plan other batches: the collectives would mismatch)."""
+    import torch
+
+    from megatron_ext.batch_growth.topology import parse_topology
+    from megatron_ext.training import components
+
+    rank0 = parse_topology("nodes=2,gpus_per_node=8,gpu=h100-80gb")
+    mine = parse_topology("nodes=2,gpus_per_node=4,gpu=a100-40gb")
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 16)
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(components, "detect", lambda: mine)
+    sent = []
+
+    def broadcast(box, src):
+        sent.append((list(box), src))
+        box[0] = rank0
+
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast)
+    assert components.job_topology("auto") == rank0
+    assert sent == [([None], 0)]  # a rank other than 0 does not even detect
+    assert components.job_topology("nodes=1,gpus_per_node=2") == parse_topology(
+        "nodes=1,gpus_per_node=2")

@@ -26,9 +26,23 @@ def _max_micro_batch(job, shape) -> int:
                                            **job.memory.estimate_kwargs()))
 
 
+def job_topology(spec: str):
+    """``--topology`` parsed, or with ``auto`` detected on rank 0 and broadcast: nodes can read
+    nvidia-smi or the IB links differently, and every rank must plan the same batches and
+    the same reduction (else collectives mismatch and the job hangs)."""
+    if spec != "auto":
+        return parse_topology(spec)
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return detect()
+    box = [detect() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def build_planner(job, shape) -> BatchPlanner:
     cfg = job.batch_growth
-    topology = detect() if cfg.topology == "auto" else parse_topology(cfg.topology)
+    topology = job_topology(cfg.topology)
     return BatchPlanner(
         shape.flops_per_sample(job.tp), shape.num_params(job.tp), topology,
         dp_size=job.data_parallel_size, tp_size=job.tp, pp_size=job.pp,
@@ -53,4 +67,4 @@ def build_components(job, shape, log):
     return gns, growth
 
 
-__all__ = ["build_components", "build_planner"]
+__all__ = ["build_components", "build_planner", "job_topology"]
