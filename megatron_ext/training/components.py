@@ -10,6 +10,7 @@ import torch
 
 from megatron_ext.batch_growth.planner import BatchPlanner
 from megatron_ext.batch_growth.topology import detect, parse_topology
+from megatron_ext.training.dp_reduction import distributed_optimizer_in_use
 
 
 def _max_micro_batch(job, shape) -> int:
@@ -48,7 +49,7 @@ def build_planner(job, shape) -> BatchPlanner:
         dp_size=job.data_parallel_size, tp_size=job.tp, pp_size=job.pp,
         max_micro_batch_size=_max_micro_batch(job, shape), seq_length=job.model.seq_length,
         mfu_assumed=cfg.mfu_assumed, device_model=torch.cuda.is_available(),
-        distributed_optimizer=job.parallel.use_distributed_optimizer)
+        distributed_optimizer=distributed_optimizer_in_use(job))
 
 
 def build_components(job, shape, log):

@@ -13,8 +13,8 @@ layout), the optimizer updates its shard, and the parameters are all-gathered in
 node again. Across nodes only 1/g of the gradient travels (g: data-parallel ranks per node).
 
 ``auto`` asks the batch planner (its topology model, ``batch_growth.planner``) which of the two
-it predicts faster at the largest global batch the run may reach (``--batch-growth-max``, else
-``--global-batch-size``), once at start; the startup log prints both predicted times. On one
+it predicts faster for one gradient reduction (the gradient's size sets it, not the batch),
+once at start; the startup log prints both predicted times. On one
 node there is nothing to gain: auto is flat.
 
 A node is what torchrun calls one (``LOCAL_WORLD_SIZE`` processes): two torchrun agents on one
@@ -26,6 +26,7 @@ Imports no torch or Megatron (the planner is imported only for ``auto`` on sever
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional
 
@@ -86,24 +87,33 @@ def _have_einops() -> bool:
 
 def predicted_reduction_times(job, per_node: int) -> Dict[str, float]:
     """Adapter to the batch planner: predicted seconds of one gradient reduction per
-    algorithm (``{"flat": s, "hierarchical": s}``; only ``flat`` on one node) at the largest
-    global batch the run may reach, with this run's model, layout and topology."""
+    algorithm (``{"flat": s, "hierarchical": s}``; only ``flat`` on one node) with this run's
+    model, layout and topology. The gradient's size sets it, not the global batch, so it is
+    the same at every batch the run may reach."""
     from megatron_ext.data import build_tokenizer
     from megatron_ext.training.components import build_planner
 
     planner = build_planner(job, job.model_shape(build_tokenizer(job.data).vocab_size))
-    largest = job.batch_growth.batch_growth_max if job.batch_growth.batch_growth != "off" \
-        else None
-    largest = largest or job.training.global_batch_size
-    try:  # the planner's own plan, when the batch is one it can run
-        plan = planner.plan(planner.next_valid(largest) or largest)
-        times = {k[len("comm_"):-len("_s")]: v for k, v in plan.breakdown.items()
-                 if k.startswith("comm_") and k.endswith("_s") and k != "comm_s"}
-        if times:
-            return times
-    except ValueError:
-        pass
     return planner.reduction_times()
+
+
+def optimizer_instances() -> int:
+    """Distributed-optimizer instances megatron-core was initialised with (1 before then)."""
+    ps = sys.modules.get("megatron.core.parallel_state")  # (never imported from here)
+    if ps is None or not ps.model_parallel_is_initialized():
+        return 1
+    full = ps.get_data_parallel_world_size(with_context_parallel=True)
+    return full // ps.get_data_parallel_world_size(with_context_parallel=True,
+                                                   partial_data_parallel=True)
+
+
+def distributed_optimizer_in_use(job) -> bool:
+    """Whether the run's optimizer is megatron-core's distributed one: asked for, or implied by
+    a hierarchical reduction (its instances are the hierarchy), including one ``auto`` chose.
+    The one answer for the model, the optimizer, the batch planner and the memory report."""
+    p = job.parallel
+    return p.use_distributed_optimizer or p.dp_reduction == "hierarchical" \
+        or optimizer_instances() > 1
 
 
 def choose(job, per_node: int, predict=predicted_reduction_times) -> DPReduction:

@@ -11,6 +11,7 @@ from megatron_ext.memory_planner import (
     GIB, ParallelLayout, estimate_memory, longest_sequence, max_micro_batch_size)
 from megatron_ext.memory_planner.estimate import expandable_segments_enabled
 from megatron_ext.memory_planner.report import attention_kind, plan_report
+from megatron_ext.training.dp_reduction import distributed_optimizer_in_use
 
 
 def parallel_layout(job) -> ParallelLayout:
@@ -23,7 +24,7 @@ def parallel_layout(job) -> ParallelLayout:
         recompute_granularity=r.recompute_granularity,
         recompute_method=r.recompute_method or "uniform",
         recompute_num_layers=r.recompute_num_layers or 1,
-        distributed_optimizer=job.parallel.use_distributed_optimizer,
+        distributed_optimizer=distributed_optimizer_in_use(job),
         attention=attention_kind(job.attention.attention_backend))
 
 
@@ -42,7 +43,7 @@ def out_of_memory_advice(job, shape) -> str:
     if job.tp > 1 and not job.parallel.sequence_parallel:
         tips.append("--sequence-parallel")
     tips.append("more --tensor-model-parallel-size / --context-parallel-size")
-    if not job.parallel.use_distributed_optimizer and job.data_parallel_size > 1:
+    if not layout.distributed_optimizer and job.data_parallel_size > 1:
         tips.append("--use-distributed-optimizer")
     return (f"the planner predicts {est.total / GIB:.1f} GiB per GPU for this configuration "
             f"(longest sequence that fits {mem.gpu_memory_gb:g} GiB: "

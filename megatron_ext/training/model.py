@@ -116,12 +116,9 @@ def dp_reduction_settings(job) -> Tuple[bool, int]:
     """(distributed optimizer?, its instances) of this run: the instances are the groups
     that :func:`~megatron_ext.training.initialize.initialize_megatron` asked megatron-core
     for (``--dp-reduction``), read back from its parallel state."""
-    full = ps.get_data_parallel_world_size(with_context_parallel=True)
-    instances = full // ps.get_data_parallel_world_size(with_context_parallel=True,
-                                                       partial_data_parallel=True)
-    p = job.parallel
-    return (p.use_distributed_optimizer or p.dp_reduction == "hierarchical" or instances > 1,
-            instances)
+    from megatron_ext.training.dp_reduction import distributed_optimizer_in_use, optimizer_instances
+
+    return distributed_optimizer_in_use(job), optimizer_instances()
 
 
 def build_model(job, config: TransformerConfig, padded_vocab: int, core_attention: type,
