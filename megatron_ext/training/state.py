@@ -33,7 +33,7 @@ class TrainState:
     """Samples of all completed steps (the data stream's position)."""
     consumed_tokens: int = 0
     """Tokens of all completed steps (counted per step: --seq-length may change on resume)."""
-    schedule_samples: float = 0.0
+    schedule_samples: Optional[float] = None
     """Where the LR schedule and a --train-samples budget stand, in samples: equal to
     ``consumed_samples`` except under ``--lr-scaling adascale``, where a step at gain r
     advances it by r initial batches (AdaScale's scale-invariant clock, Johnson et al. 2020,
@@ -41,6 +41,8 @@ class TrainState:
 
     def __post_init__(self):
         self._check_split(self.global_batch_size, self.micro_batch_size)
+        if self.schedule_samples is None:  # (not given: the clock is the consumed samples)
+            self.schedule_samples = float(self.consumed_samples)
 
     @property
     def num_microbatches(self) -> int:
