@@ -50,3 +50,12 @@ def read_metrics(path: Path) -> List[Dict]:
 
 def losses(path: Path) -> Dict[int, float]:
     return {m["iteration"]: m["lm_loss"] for m in read_metrics(path) if "lm_loss" in m}
+
+
+def logged_steps(nproc: int, args: Sequence[str], workdir: Path, name: str) -> Dict[int, Dict]:
+    """Run ``TINY + args`` with a data cache and a --log-json in ``workdir``; its logged
+    steps by iteration."""
+    out = workdir / f"{name}.jsonl"
+    run_pretrain(nproc, [*TINY, *args, "--data-cache-path", str(workdir / "dc"),
+                         "--log-json", str(out)], workdir)
+    return {m["iteration"]: m for m in read_metrics(out) if "lm_loss" in m}

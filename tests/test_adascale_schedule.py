@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from launch import TINY, read_metrics, run_pretrain
+from launch import logged_steps
 from megatron_ext.batch_growth.component import BatchGrowthComponent
 from megatron_ext.batch_growth.config import BatchGrowthConfig
 from megatron_ext.training.metrics import steps_left
@@ -55,10 +55,7 @@ GROWTH = ["--batch-growth", "ramp", "--rampup-batch-size", "4", "4", "24",
 
 
 def _run(tmp_path, name, extra):
-    out = tmp_path / f"{name}.jsonl"
-    run_pretrain(1, [*TINY, *GROWTH, "--data-cache-path", str(tmp_path / "dc"),
-                     "--log-json", str(out), *extra], tmp_path)
-    return {m["iteration"]: m for m in read_metrics(out) if "lm_loss" in m}
+    return logged_steps(1, [*GROWTH, *extra], tmp_path, name)
 
 
 @pytest.fixture(scope="module")

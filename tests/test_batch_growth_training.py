@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from launch import TINY, read_metrics, run_pretrain
+from launch import logged_steps
 
 GROWTH = ["--batch-growth", "ramp", "--rampup-batch-size", "4", "4", "24",
           "--batch-growth-max", "12", "--lr-scaling", "sqrt",
@@ -18,10 +18,7 @@ GROWTH = ["--batch-growth", "ramp", "--rampup-batch-size", "4", "4", "24",
 
 
 def _run(tmp_path, name, extra):
-    out = tmp_path / f"{name}.jsonl"
-    run_pretrain(2, [*TINY, *GROWTH, "--data-cache-path", str(tmp_path / "dc"),
-                     "--log-json", str(out), *extra], tmp_path)
-    return {m["iteration"]: m for m in read_metrics(out) if "lm_loss" in m}
+    return logged_steps(2, [*GROWTH, *extra], tmp_path, name)
 
 
 @pytest.fixture(scope="module")
